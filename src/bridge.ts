@@ -1,0 +1,56 @@
+/**
+ * Bridging two streams: bytes both ways with backpressure, half-close passed through, and
+ * both sides closed once both directions have ended (or at once on an error).
+ * @module
+ */
+import type { Stream } from "./transport.ts";
+
+/** First read buffer of each direction; small, so idle and interactive tunnels stay cheap. */
+export const BRIDGE_BUFFER_MIN = 16 * 1024;
+
+/** Largest read buffer; a direction that fills its buffer doubles it up to this size. */
+export const BRIDGE_BUFFER_MAX = 256 * 1024;
+
+/** What a finished bridge carried. */
+export interface BridgeResult {
+  /** Bytes copied from the first stream to the second. */
+  forward: number;
+  /** Bytes copied from the second stream to the first. */
+  backward: number;
+  /** The first error that cut the bridge short, if any. */
+  error?: Error;
+}
+
+/**
+ * Copies `from` into `to` until end of stream, then half-closes `to`. Reading waits for each
+ * write, so a slow reader on one side slows the writer on the other: memory stays bounded by
+ * one buffer per direction.
+ */
+async function pump(from: Stream, to: Stream, count: (n: number) => void): Promise<void> {
+  let buf = new Uint8Array(BRIDGE_BUFFER_MIN);
+  for (;;) {
+    const n = await from.read(buf);
+    if (n === null) break;
+    await to.write(buf.subarray(0, n));
+    count(n);
+    if (n === buf.length && buf.length < BRIDGE_BUFFER_MAX) buf = new Uint8Array(buf.length * 2);
+  }
+  await to.closeWrite();
+}
+
+/** Bridges `a` and `b` until both directions end; always closes both. */
+export async function bridge(a: Stream, b: Stream): Promise<BridgeResult> {
+  const result: BridgeResult = { forward: 0, backward: 0 };
+  const fail = (err: unknown) => {
+    result.error ??= err instanceof Error ? err : new Error(String(err));
+    a.close();
+    b.close();
+  };
+  await Promise.all([
+    pump(a, b, (n) => result.forward += n).catch(fail),
+    pump(b, a, (n) => result.backward += n).catch(fail),
+  ]);
+  a.close();
+  b.close();
+  return result;
+}

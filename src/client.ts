@@ -1,0 +1,227 @@
+/**
+ * The NATadm client: keeps a control connection to the server and, when told a user is
+ * waiting, bridges a local service to the server over a fresh data connection.
+ * @module
+ */
+import type { ClientConfig } from "./config.ts";
+import { log } from "./log.ts";
+import { bridge } from "./bridge.ts";
+import {
+  AUTH_STEP_TIMEOUT_MS,
+  authPayload,
+  type Connect,
+  FramedStream,
+  fromBase64,
+  HEARTBEAT_MISSES,
+  type Message,
+  PROTOCOL_VERSION,
+  type ServiceInfo,
+} from "./protocol.ts";
+import { sign } from "./keys.ts";
+import { connectTcp, connectTls, type Stream } from "./transport.ts";
+
+const logger = log("client");
+
+/** The server refused us; retrying with the same config will not help until it changes. */
+export class RefusedError extends Error {
+  override name = "RefusedError";
+}
+
+/** A running NATadm client. */
+export class Client {
+  #config: ClientConfig;
+  #stopping = false;
+  #control: Stream | undefined;
+  #wakeRetry: (() => void) | undefined;
+  #tunnels = new Set<Promise<void>>();
+  #streams = new Set<Stream>();
+
+  constructor(config: ClientConfig) {
+    this.#config = config;
+  }
+
+  /** Runs until stopped (`infinite = true`) or after one check; returns the exit code. */
+  async run(): Promise<number> {
+    const { remoteHost, remotePort, interval } = this.#config;
+    if (!this.#config.infinite) {
+      try {
+        await this.#session();
+        await Promise.all(this.#tunnels);
+        return 0;
+      } catch (err) {
+        logger.error("{error}", { error: describeError(err, remoteHost, remotePort) });
+        return 1;
+      }
+    }
+    while (!this.#stopping) {
+      try {
+        await this.#session();
+      } catch (err) {
+        if (this.#stopping) break;
+        logger.error("{error}; retrying in {interval} s", {
+          error: describeError(err, remoteHost, remotePort),
+          interval,
+        });
+      }
+      if (this.#stopping) break;
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, interval * 1000);
+        this.#wakeRetry = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+    await Promise.all(this.#tunnels);
+    return 0;
+  }
+
+  /** Stops reconnecting and closes the control connection and every tunnel. */
+  stop(): void {
+    this.#stopping = true;
+    this.#wakeRetry?.();
+    this.#control?.close();
+    for (const stream of this.#streams) stream.close();
+  }
+
+  async #connect(): Promise<Stream> {
+    const { remoteHost, remotePort, caPem } = this.#config;
+    return await connectTls({ hostname: remoteHost, port: remotePort, caCert: caPem });
+  }
+
+  /** One control connection: authenticate, then serve connect requests until it ends. */
+  async #session(): Promise<void> {
+    const { name, interval, key, infinite } = this.#config;
+    const stream = await this.#connect();
+    this.#control = stream;
+    const framed = new FramedStream(stream);
+    let heartbeat: ReturnType<typeof setInterval> | undefined;
+    try {
+      await framed.send({ type: "hello", version: PROTOCOL_VERSION, name, interval });
+      const challenge = expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "challenge");
+      const nonce = fromBase64(challenge.nonce)!;
+      const signature = await sign(key, authPayload(nonce, name));
+      await framed.send({ type: "auth", signature: signature.toBase64() });
+      const welcome = expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "welcome");
+      logger.info("connected to {server} as {name}; serving {services}", {
+        server: stream.remote,
+        name,
+        services: describeServices(welcome.services),
+      });
+      let remaining = welcome.pending;
+      if (!infinite && remaining === 0) return;
+      heartbeat = setInterval(() => {
+        framed.send({ type: "ping" }).catch(() => stream.close());
+      }, interval * 1000);
+      for (;;) {
+        const message = await framed.read(HEARTBEAT_MISSES * interval * 1000);
+        if (message === null) throw new Error("server closed the control connection");
+        if (message.type === "ping") continue;
+        if (message.type === "refused") throw new RefusedError(message.reason);
+        if (message.type !== "connect") {
+          throw new Error(`unexpected "${message.type}" on the control connection`);
+        }
+        this.#startTunnel(message, framed);
+        // A one-shot check serves what was pending when it connected, then hangs up.
+        if (!infinite && --remaining === 0) return;
+      }
+    } finally {
+      clearInterval(heartbeat);
+      stream.close();
+      this.#control = undefined;
+    }
+  }
+
+  #startTunnel(request: Connect, control: FramedStream): void {
+    const tunnel = this.#tunnel(request, control).catch((err) => {
+      logger.warn("tunnel for user {user} failed: {error}", {
+        user: request.user,
+        error: (err as Error).message,
+      });
+    }).finally(() => this.#tunnels.delete(tunnel));
+    this.#tunnels.add(tunnel);
+  }
+
+  async #tunnel(request: Connect, control: FramedStream): Promise<void> {
+    const target = `${request.host}:${request.port}`;
+    const [local, data] = await Promise.allSettled([
+      connectTcp(request.host, request.port),
+      this.#connect(),
+    ]);
+    if (local.status === "rejected") {
+      if (data.status === "fulfilled") data.value.close();
+      const reason = `cannot connect to ${target}: ${(local.reason as Error).message}`;
+      await control.send({ type: "reject", id: request.id, reason }).catch(() => {});
+      throw new Error(reason);
+    }
+    if (data.status === "rejected") {
+      local.value.close();
+      throw new Error(`cannot open a data connection: ${(data.reason as Error).message}`);
+    }
+    const user = local.value, server = data.value;
+    await new FramedStream(server).send({
+      type: "data",
+      version: PROTOCOL_VERSION,
+      id: request.id,
+    });
+    this.#streams.add(user).add(server);
+    const started = performance.now();
+    logger.info("tunnel open: user {user} → {target}", { user: request.user, target });
+    const result = await bridge(server, user);
+    this.#streams.delete(user);
+    this.#streams.delete(server);
+    logger.info(
+      "tunnel closed: user {user} → {target}; {up} bytes up, {down} bytes down, {ms} ms" +
+        (result.error ? " (cut short: {error})" : ""),
+      {
+        user: request.user,
+        target,
+        up: result.forward,
+        down: result.backward,
+        ms: Math.round(performance.now() - started),
+        error: result.error?.message,
+      },
+    );
+  }
+}
+
+function expect<T extends Message["type"]>(
+  message: Message | null,
+  type: T,
+): Extract<Message, { type: T }> {
+  if (message?.type === "refused") throw new RefusedError(message.reason);
+  if (message === null) throw new Error(`server closed the connection before "${type}"`);
+  if (message.type !== type) throw new Error(`expected "${type}", got "${message.type}"`);
+  return message as Extract<Message, { type: T }>;
+}
+
+function describeServices(services: ServiceInfo[]): string {
+  if (services.length === 0) return "no services";
+  return services.map((s) => `server port ${s.port} → ${s.host}:${s.target_port}`).join(", ");
+}
+
+/** Turns a connection or handshake failure into one line that says what to check. */
+export function describeError(err: unknown, host: string, port: number): string {
+  const where = `${host}:${port}`;
+  const message = err instanceof Error ? err.message : String(err);
+  if (err instanceof RefusedError) return `server ${where} refused this client: ${message}`;
+  if (/UnknownIssuer|unknown ca|BadSignature/i.test(message)) {
+    return `server ${where} presented a certificate not signed by cafile (${message})`;
+  }
+  if (/NotValidForName|CertNotValidForName|hostname/i.test(message)) {
+    return `server ${where}'s certificate is not valid for the name "${host}" (${message})`;
+  }
+  if (/Expired|NotValidYet/i.test(message)) {
+    return `server ${where}'s certificate is expired or not yet valid (${message})`;
+  }
+  if (err instanceof Deno.errors.ConnectionRefused) {
+    return `cannot connect to ${where}: connection refused (is the server running?)`;
+  }
+  if (/lookup|resolve|dns|Name or service not known/i.test(message)) {
+    return `cannot resolve ${host}: ${message}`;
+  }
+  if (/InvalidContentType|CorruptMessage|record|InvalidMessage/i.test(message)) {
+    return `${where} does not speak TLS on that port (${message})`;
+  }
+  return `connection to ${where} failed: ${message}`;
+}

@@ -1,0 +1,327 @@
+/**
+ * Configuration files for both programs, in TOML with the original NATadm's key names.
+ *
+ * Everything is validated here, at load time, so the rest of the code trusts what it gets:
+ * every error names the file and the key (or line and column), and says what was expected.
+ * @module
+ */
+import { parse, TomlError } from "smol-toml";
+import { createPrivateKey, X509Certificate } from "node:crypto";
+import { dirname, resolve } from "node:path";
+import { importPrivateKey, importPublicKey } from "./keys.ts";
+import { checkName, fromBase64 } from "./protocol.ts";
+import { isLogLevel } from "./log.ts";
+import type { LogLevel } from "@logtape/logtape";
+
+/** Raised for any problem in a config file; the message is ready to show the admin. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** One entry of the server's `services` table. */
+export interface ServiceConfig {
+  /** Public port on the server. */
+  port: number;
+  /** Client that serves it. */
+  name: string;
+  /** Host the client connects to, on its side. */
+  host: string;
+  /** Port on that host. */
+  targetPort: number;
+}
+
+/** A loaded and validated server configuration. */
+export interface ServerConfig {
+  file: string;
+  communicationPort: number;
+  listenHost: string;
+  certPem: string;
+  keyPem: string;
+  /** Seconds a user waits for the client before being closed. */
+  pendingTimeout: number;
+  logLevel?: LogLevel;
+  /** Client name → its Ed25519 public key. */
+  clients: Map<string, CryptoKey>;
+  services: ServiceConfig[];
+}
+
+/** A loaded and validated client configuration. */
+export interface ClientConfig {
+  file: string;
+  name: string;
+  remoteHost: string;
+  remotePort: number;
+  caPem: string;
+  key: CryptoKey;
+  /** Seconds between heartbeats and between reconnect attempts. */
+  interval: number;
+  infinite: boolean;
+  logLevel?: LogLevel;
+}
+
+type Table = Record<string, unknown>;
+
+/** Reads and validates keys of one TOML table, naming the file and key in every error. */
+class Reader {
+  constructor(readonly file: string, readonly table: Table, readonly prefix = "") {}
+
+  fail(key: string, problem: string): never {
+    throw new ConfigError(`${this.file}: ${this.prefix}${key}: ${problem}`);
+  }
+
+  only(keys: string[]): void {
+    for (const key of Object.keys(this.table)) {
+      if (!keys.includes(key)) {
+        this.fail(key, `unknown key (expected one of: ${keys.join(", ")})`);
+      }
+    }
+  }
+
+  has(key: string): boolean {
+    return this.table[key] !== undefined;
+  }
+
+  string(key: string, fallback?: string): string {
+    const v = this.table[key] ?? fallback;
+    if (v === undefined) this.fail(key, "required, expected a string");
+    if (typeof v !== "string") this.fail(key, `expected a string, got ${describe(v)}`);
+    return v;
+  }
+
+  port(key: string, v: unknown = this.table[key]): number {
+    if (v === undefined) this.fail(key, "required, expected a port number (1-65535)");
+    if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > 65535) {
+      this.fail(key, `expected a port number (1-65535), got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  seconds(key: string, fallback: number, max: number): number {
+    const v = this.table[key] ?? fallback;
+    if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > max) {
+      this.fail(key, `expected a whole number of seconds from 1 to ${max}, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  boolean(key: string, fallback: boolean): boolean {
+    const v = this.table[key] ?? fallback;
+    if (typeof v !== "boolean") this.fail(key, `expected true or false, got ${describe(v)}`);
+    return v;
+  }
+
+  table_(key: string): Table {
+    const v = this.table[key] ?? {};
+    if (!isTable(v)) this.fail(key, `expected a table, got ${describe(v)}`);
+    return v;
+  }
+
+  pair(key: string): [unknown, unknown] {
+    const v = this.table[key];
+    if (v === undefined) this.fail(key, "required, expected a list of two items");
+    if (!Array.isArray(v) || v.length !== 2) {
+      this.fail(key, `expected a list of two items, got ${describe(v)}`);
+    }
+    return [v[0], v[1]];
+  }
+
+  logLevel(): LogLevel | undefined {
+    if (!this.has("log_level")) return undefined;
+    const v = this.string("log_level");
+    if (!isLogLevel(v)) {
+      this.fail("log_level", `expected trace, debug, info, warning, error or fatal, got "${v}"`);
+    }
+    return v;
+  }
+
+  /** Reads a file named by a key, relative to the config file's directory. */
+  async file_(key: string, path: unknown): Promise<{ path: string; text: string }> {
+    if (typeof path !== "string" || path === "") {
+      this.fail(key, `expected a file path, got ${describe(path)}`);
+    }
+    const full = resolve(dirname(this.file), path);
+    try {
+      return { path: full, text: await Deno.readTextFile(full) };
+    } catch (err) {
+      this.fail(key, `cannot read ${full}: ${(err as Error).message}`);
+    }
+  }
+}
+
+function isTable(v: unknown): v is Table {
+  return typeof v === "object" && v !== null && !Array.isArray(v) && !(v instanceof Date);
+}
+
+function describe(v: unknown): string {
+  if (Array.isArray(v)) return `a list of ${v.length}`;
+  if (isTable(v)) return "a table";
+  if (typeof v === "string") return `the string ${JSON.stringify(v)}`;
+  return `${typeof v} ${String(v)}`;
+}
+
+async function readToml(file: string): Promise<Table> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(file);
+  } catch (err) {
+    throw new ConfigError(`${file}: cannot read config file: ${(err as Error).message}`);
+  }
+  try {
+    return parse(text) as Table;
+  } catch (err) {
+    if (err instanceof TomlError) {
+      const first = err.message.split("\n")[0];
+      throw new ConfigError(`${file}:${err.line}:${err.column}: TOML syntax error: ${first}`);
+    }
+    throw new ConfigError(`${file}: TOML syntax error: ${(err as Error).message}`);
+  }
+}
+
+/** Loads, validates and resolves a server config file. */
+export async function loadServerConfig(file: string): Promise<ServerConfig> {
+  file = resolve(file);
+  const r: Reader = new Reader(file, await readToml(file));
+  r.only([
+    "communication_port",
+    "communication_server_certificate",
+    "listen_host",
+    "pending_timeout",
+    "log_level",
+    "clients",
+    "services",
+  ]);
+  const communicationPort = r.port("communication_port");
+  const [certPath, keyPath] = r.pair("communication_server_certificate");
+  const cert = await r.file_("communication_server_certificate[0]", certPath);
+  const key = await r.file_("communication_server_certificate[1]", keyPath);
+  let certificate: X509Certificate;
+  try {
+    certificate = new X509Certificate(cert.text);
+  } catch (err) {
+    r.fail(
+      "communication_server_certificate[0]",
+      `${cert.path} is not a PEM certificate: ${(err as Error).message}`,
+    );
+  }
+  try {
+    const privateKey = createPrivateKey(key.text);
+    if (!certificate.checkPrivateKey(privateKey)) {
+      r.fail(
+        "communication_server_certificate[1]",
+        `${key.path} is not the private key of ${cert.path}`,
+      );
+    }
+  } catch (err) {
+    if (err instanceof ConfigError) throw err;
+    r.fail(
+      "communication_server_certificate[1]",
+      `${key.path} is not a PEM private key: ${(err as Error).message}`,
+    );
+  }
+
+  const clients = new Map<string, CryptoKey>();
+  const clientsTable = r.table_("clients");
+  for (const [name, entry] of Object.entries(clientsTable)) {
+    const at = `clients.${JSON.stringify(name)}`;
+    const problem = checkName(name);
+    if (problem) r.fail(at, `client name ${problem}`);
+    if (!isTable(entry)) r.fail(at, `expected a table with a key, got ${describe(entry)}`);
+    const c: Reader = new Reader(file, entry, `${at}.`);
+    c.only(["key"]);
+    const text = c.string("key").trim();
+    const der = fromBase64(text);
+    let publicKey: CryptoKey | undefined;
+    if (der) {
+      try {
+        publicKey = await importPublicKey(der);
+      } catch {
+        // Reported below with the expected form.
+      }
+    }
+    if (!publicKey) {
+      c.fail(
+        "key",
+        "expected an Ed25519 public key as base64 SPKI (the line `deno task keygen` prints, " +
+          "or the body of `openssl pkey -pubout`)",
+      );
+    }
+    clients.set(name, publicKey);
+  }
+
+  const services: ServiceConfig[] = [];
+  const seen = new Set<number>();
+  for (const [portKey, entry] of Object.entries(r.table_("services"))) {
+    const at = `services.${portKey}`;
+    if (!/^[0-9]+$/.test(portKey)) r.fail(at, "service keys must be port numbers (1-65535)");
+    const port = r.port(at, Number(portKey));
+    if (port === communicationPort) {
+      r.fail(at, `port ${port} is also communication_port; pick another`);
+    }
+    if (seen.has(port)) r.fail(at, `port ${port} is listed twice`);
+    seen.add(port);
+    if (!isTable(entry)) r.fail(at, `expected a table with name and port, got ${describe(entry)}`);
+    const s: Reader = new Reader(file, entry, `${at}.`);
+    s.only(["name", "port", "host"]);
+    const name = s.string("name");
+    if (!clients.has(name)) {
+      s.fail(
+        "name",
+        `no client ${JSON.stringify(name)} in [clients]; add [clients.${
+          JSON.stringify(name)
+        }] with its key`,
+      );
+    }
+    services.push({ port, name, host: s.string("host", "localhost"), targetPort: s.port("port") });
+  }
+
+  return {
+    file,
+    communicationPort,
+    listenHost: r.string("listen_host", "0.0.0.0"),
+    certPem: cert.text,
+    keyPem: key.text,
+    pendingTimeout: r.seconds("pending_timeout", 60, 86_400),
+    logLevel: r.logLevel(),
+    clients,
+    services,
+  };
+}
+
+/** Loads, validates and resolves a client config file. */
+export async function loadClientConfig(file: string): Promise<ClientConfig> {
+  file = resolve(file);
+  const r: Reader = new Reader(file, await readToml(file));
+  r.only(["name", "remote", "cafile", "key", "interval", "infinite", "log_level"]);
+  const name = r.string("name");
+  const problem = checkName(name);
+  if (problem) r.fail("name", problem);
+  const [host, port] = r.pair("remote");
+  if (typeof host !== "string" || host === "") {
+    r.fail("remote", `expected ["host", port], got ${describe(host)} as the host`);
+  }
+  const remotePort = r.port("remote[1]", port);
+  const ca = await r.file_("cafile", r.string("cafile"));
+  try {
+    new X509Certificate(ca.text);
+  } catch (err) {
+    r.fail("cafile", `${ca.path} is not a PEM certificate: ${(err as Error).message}`);
+  }
+  const keyFile = await r.file_("key", r.string("key"));
+  let key: CryptoKey;
+  try {
+    key = await importPrivateKey(keyFile.text);
+  } catch (err) {
+    r.fail("key", `${keyFile.path} is not an Ed25519 private key: ${(err as Error).message}`);
+  }
+  return {
+    file,
+    name,
+    remoteHost: host,
+    remotePort,
+    caPem: ca.text,
+    key,
+    interval: r.seconds("interval", 5, 3600),
+    infinite: r.boolean("infinite", true),
+    logLevel: r.logLevel(),
+  };
+}

@@ -1,0 +1,56 @@
+/**
+ * Logging setup shared by every NATadm program: LogTape, one line per event, on stderr so that
+ * stdout stays free for what a command prints on purpose (keygen's public key, demo's help).
+ * @module
+ */
+import {
+  configure,
+  getConsoleSink,
+  getJsonLinesFormatter,
+  getLogger,
+  getTextFormatter,
+  type Logger,
+  type LogLevel,
+} from "@logtape/logtape";
+
+/** Log levels accepted by `--log-level` and the `log_level` config key. */
+export const LOG_LEVELS = ["trace", "debug", "info", "warning", "error", "fatal"] as const;
+
+/** Output formats accepted by `--log-format`. */
+export const LOG_FORMATS = ["text", "json"] as const;
+
+/** One of {@link LOG_FORMATS}. */
+export type LogFormat = typeof LOG_FORMATS[number];
+
+/** Returns whether `value` names a LogTape level that NATadm accepts. */
+export function isLogLevel(value: string): value is LogLevel {
+  return (LOG_LEVELS as readonly string[]).includes(value);
+}
+
+/** Routes every `natadm` logger to stderr at `level` and above. Call once per process. */
+export async function setupLogging(level: LogLevel, format: LogFormat = "text"): Promise<void> {
+  const formatter = format === "json"
+    ? getJsonLinesFormatter()
+    : getTextFormatter({ timestamp: "date-time-timezone", level: "ABBR" });
+  const toStderr = {
+    trace: "error",
+    debug: "error",
+    info: "error",
+    warning: "error",
+    error: "error",
+    fatal: "error",
+  } as const;
+  await configure({
+    reset: true,
+    sinks: { stderr: getConsoleSink({ formatter, levelMap: toStderr }) },
+    loggers: [
+      { category: ["natadm"], lowestLevel: level, sinks: ["stderr"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
+    ],
+  });
+}
+
+/** The logger for one part of NATadm, e.g. `log("server")`. */
+export function log(part: string): Logger {
+  return getLogger(["natadm", part]);
+}

@@ -1,0 +1,396 @@
+/**
+ * The NATadm server: takes clients on the communication port, users on service ports, and
+ * pairs each user with a data connection from the client that serves the service.
+ * @module
+ */
+import type { ServerConfig, ServiceConfig } from "./config.ts";
+import { log } from "./log.ts";
+import { bridge } from "./bridge.ts";
+import {
+  AUTH_STEP_TIMEOUT_MS,
+  authPayload,
+  type DataHello,
+  FramedStream,
+  fromBase64,
+  HEARTBEAT_MISSES,
+  type Hello,
+  NONCE_BYTES,
+  PROTOCOL_VERSION,
+  TUNNEL_ID_BYTES,
+} from "./protocol.ts";
+import { verify } from "./keys.ts";
+import { ConnStream, listenTls, type Stream, type TlsListener } from "./transport.ts";
+
+const logger = log("server");
+
+/** A user waiting on a service port for its client's data connection. */
+interface PendingUser {
+  user: Stream;
+  service: ServiceConfig;
+  /** Closes the user when nobody serves it in time. */
+  timer: ReturnType<typeof setTimeout>;
+  /** The one-time id currently issued for it, if any. */
+  id?: string;
+}
+
+/** One authenticated control connection. */
+class Session {
+  #heartbeat: ReturnType<typeof setInterval> | undefined;
+  closed = false;
+
+  constructor(
+    readonly name: string,
+    readonly framed: FramedStream,
+    readonly interval: number,
+  ) {}
+
+  get remote(): string {
+    return this.framed.stream.remote;
+  }
+
+  startHeartbeat(): void {
+    this.#heartbeat = setInterval(() => {
+      this.framed.send({ type: "ping" }).catch(() => this.close());
+    }, this.interval * 1000);
+  }
+
+  /** Tells the client why (best effort, bounded by the socket) and closes. */
+  async refuse(reason: string): Promise<void> {
+    await this.framed.send({ type: "refused", reason }).catch(() => {});
+    this.close();
+  }
+
+  close(): void {
+    this.closed = true;
+    clearInterval(this.#heartbeat);
+    this.framed.stream.close();
+  }
+}
+
+/** A running NATadm server. */
+export class Server {
+  #config: ServerConfig;
+  #tls: TlsListener | undefined;
+  #listeners: Deno.Listener[] = [];
+  #sessions = new Map<string, Session>();
+  #waiting = new Map<string, PendingUser[]>();
+  #byId = new Map<string, PendingUser>();
+  #tunnels = new Set<Stream>();
+  #connections = new Set<Stream>();
+
+  constructor(config: ServerConfig) {
+    this.#config = config;
+  }
+
+  /** The communication port actually bound. */
+  get communicationPort(): number {
+    return this.#tls?.port ?? this.#config.communicationPort;
+  }
+
+  /** Binds every port; throws a one-line error (and binds nothing) if any port fails. */
+  async start(): Promise<void> {
+    const { listenHost, communicationPort } = this.#config;
+    try {
+      this.#tls = await listenTls({
+        hostname: listenHost,
+        port: communicationPort,
+        cert: this.#config.certPem,
+        key: this.#config.keyPem,
+        onConnection: (stream) => this.#handleConnection(stream),
+        onHandshakeError: (remote, err) =>
+          logger.info("TLS handshake with {remote} failed: {error}", {
+            remote,
+            error: err.message,
+          }),
+      });
+    } catch (err) {
+      throw new Error(
+        `cannot listen on ${listenHost}:${communicationPort} (communication_port): ${
+          (err as Error).message
+        }`,
+      );
+    }
+    for (const service of this.#config.services) {
+      try {
+        const listener = Deno.listen({ hostname: listenHost, port: service.port });
+        this.#listeners.push(listener);
+        this.#acceptUsers(listener, service);
+      } catch (err) {
+        await this.close();
+        throw new Error(
+          `cannot listen on ${listenHost}:${service.port} (services.${service.port}): ${
+            (err as Error).message
+          }`,
+        );
+      }
+    }
+    logger.info("NATadm server ready: communication port {port}, services {services}", {
+      port: this.communicationPort,
+      services: this.#config.services.map((s) => `${s.port}→${s.name}:${s.targetPort}`).join(
+        ", ",
+      ) || "none",
+    });
+  }
+
+  /** Stops listening and closes every connection, tunnel and waiting user. */
+  async close(): Promise<void> {
+    for (const listener of this.#listeners) listener.close();
+    this.#listeners = [];
+    await this.#tls?.close();
+    this.#tls = undefined;
+    for (const session of this.#sessions.values()) session.close();
+    for (const users of this.#waiting.values()) {
+      for (const pending of users) {
+        clearTimeout(pending.timer);
+        pending.user.close();
+      }
+    }
+    this.#waiting.clear();
+    this.#byId.clear();
+    for (const stream of [...this.#tunnels, ...this.#connections]) stream.close();
+  }
+
+  async #acceptUsers(listener: Deno.Listener, service: ServiceConfig): Promise<void> {
+    try {
+      for await (const conn of listener) {
+        (conn as Deno.TcpConn).setNoDelay(true);
+        this.#userArrived(new ConnStream(conn), service);
+      }
+    } catch (err) {
+      if (!(err instanceof Deno.errors.BadResource)) {
+        logger.error("service port {port} stopped accepting: {error}", {
+          port: service.port,
+          error: (err as Error).message,
+        });
+      }
+    }
+  }
+
+  #userArrived(user: Stream, service: ServiceConfig): void {
+    const pending: PendingUser = {
+      user,
+      service,
+      timer: setTimeout(() => this.#expire(pending), this.#config.pendingTimeout * 1000),
+    };
+    const queue = this.#waiting.get(service.name) ?? [];
+    queue.push(pending);
+    this.#waiting.set(service.name, queue);
+    const session = this.#sessions.get(service.name);
+    if (session) {
+      this.#issue(pending, session);
+    } else {
+      logger.info("user {user} on service {port} waits for client {client}", {
+        user: user.remote,
+        port: service.port,
+        client: service.name,
+      });
+    }
+  }
+
+  /** Nobody served `pending` within pending_timeout: close it and say so. */
+  #expire(pending: PendingUser): void {
+    this.#forget(pending);
+    pending.user.close();
+    logger.warn(
+      "user {user} on service {port} closed: client {client} did not connect within {timeout} s",
+      {
+        user: pending.user.remote,
+        port: pending.service.port,
+        client: pending.service.name,
+        timeout: this.#config.pendingTimeout,
+      },
+    );
+  }
+
+  /** Removes a waiting user from every index, without closing it. */
+  #forget(pending: PendingUser): void {
+    clearTimeout(pending.timer);
+    if (pending.id) this.#byId.delete(pending.id);
+    const queue = this.#waiting.get(pending.service.name);
+    const at = queue?.indexOf(pending) ?? -1;
+    if (queue && at >= 0) queue.splice(at, 1);
+    if (queue?.length === 0) this.#waiting.delete(pending.service.name);
+  }
+
+  /** Asks `session`'s client for a data connection for `pending`, under a fresh one-time id. */
+  #issue(pending: PendingUser, session: Session): void {
+    if (pending.id) this.#byId.delete(pending.id);
+    const id = crypto.getRandomValues(new Uint8Array(TUNNEL_ID_BYTES)).toBase64();
+    pending.id = id;
+    this.#byId.set(id, pending);
+    session.framed.send({
+      type: "connect",
+      id,
+      host: pending.service.host,
+      port: pending.service.targetPort,
+      user: pending.user.remote,
+    }).catch(() => session.close());
+  }
+
+  async #handleConnection(stream: Stream): Promise<void> {
+    this.#connections.add(stream);
+    const framed = new FramedStream(stream);
+    try {
+      const first = await framed.read(AUTH_STEP_TIMEOUT_MS);
+      if (first === null) return stream.close();
+      if (first.type !== "hello" && first.type !== "data") {
+        throw new Error(`expected "hello" or "data" first, got "${first.type}"`);
+      }
+      if (first.version !== PROTOCOL_VERSION) {
+        await framed.send({
+          type: "refused",
+          reason:
+            `protocol version ${first.version} is not supported (server speaks ${PROTOCOL_VERSION})`,
+        });
+        throw new Error(`unsupported protocol version ${first.version}`);
+      }
+      if (first.type === "data") {
+        this.#connections.delete(stream);
+        return this.#pair(stream, first);
+      }
+      await this.#control(framed, first);
+    } catch (err) {
+      logger.warn("connection from {remote} dropped: {error}", {
+        remote: stream.remote,
+        error: (err as Error).message,
+      });
+      stream.close();
+    } finally {
+      this.#connections.delete(stream);
+    }
+  }
+
+  async #control(framed: FramedStream, hello: Hello): Promise<void> {
+    const remote = framed.stream.remote;
+    const key = this.#config.clients.get(hello.name);
+    if (!key) {
+      logger.warn("client from {remote} refused: unknown name {name}", {
+        remote,
+        name: hello.name,
+      });
+      await framed.send({
+        type: "refused",
+        reason: `unknown client name "${hello.name}": the server has no [clients] entry for it`,
+      });
+      return framed.stream.close();
+    }
+    const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
+    await framed.send({ type: "challenge", nonce: nonce.toBase64() });
+    const auth = await framed.read(AUTH_STEP_TIMEOUT_MS);
+    if (auth === null) return framed.stream.close();
+    if (auth.type !== "auth") throw new Error(`expected "auth", got "${auth.type}"`);
+    const signature = fromBase64(auth.signature)!;
+    if (!await verify(key, signature, authPayload(nonce, hello.name))) {
+      logger.warn("client from {remote} refused: wrong key for {name}", {
+        remote,
+        name: hello.name,
+      });
+      await framed.send({
+        type: "refused",
+        reason:
+          `authentication failed: the key does not match the one configured for "${hello.name}"`,
+      });
+      return framed.stream.close();
+    }
+
+    const session = new Session(hello.name, framed, hello.interval);
+    const old = this.#sessions.get(hello.name);
+    this.#sessions.set(hello.name, session);
+    if (old) {
+      logger.info("client {name}: new connection from {remote} replaces the one from {old}", {
+        name: hello.name,
+        remote,
+        old: old.remote,
+      });
+      await old.refuse(`replaced by a newer connection from ${remote}`);
+    }
+    logger.info("client {name} connected from {remote}", { name: hello.name, remote });
+
+    const waiting = [...(this.#waiting.get(hello.name) ?? [])];
+    await framed.send({
+      type: "welcome",
+      services: this.#config.services.filter((s) => s.name === hello.name).map((s) => ({
+        port: s.port,
+        host: s.host,
+        target_port: s.targetPort,
+      })),
+      pending: waiting.length,
+    });
+    for (const pending of waiting) this.#issue(pending, session);
+    session.startHeartbeat();
+
+    let reason = "connection closed";
+    try {
+      for (;;) {
+        const message = await framed.read(HEARTBEAT_MISSES * hello.interval * 1000);
+        if (message === null) break;
+        if (message.type === "ping") continue;
+        if (message.type === "reject") {
+          this.#rejected(session, message.id, message.reason);
+          continue;
+        }
+        throw new Error(`unexpected "${message.type}" on a control connection`);
+      }
+    } catch (err) {
+      reason = (err as Error).message;
+    } finally {
+      session.close();
+      if (this.#sessions.get(hello.name) === session) this.#sessions.delete(hello.name);
+    }
+    logger.info("client {name} disconnected ({reason})", { name: hello.name, reason });
+  }
+
+  /** The client could not open the tunnel for `id`: close that user and say why. */
+  #rejected(session: Session, id: string, reason: string): void {
+    const pending = this.#byId.get(id);
+    if (!pending || pending.service.name !== session.name) return;
+    this.#forget(pending);
+    pending.user.close();
+    logger.warn(
+      "user {user} on service {port} closed: client {client} could not connect: {reason}",
+      {
+        user: pending.user.remote,
+        port: pending.service.port,
+        client: session.name,
+        reason,
+      },
+    );
+  }
+
+  async #pair(data: Stream, hello: DataHello): Promise<void> {
+    const pending = this.#byId.get(hello.id);
+    if (!pending) {
+      logger.warn("data connection from {remote} refused: unknown or expired id", {
+        remote: data.remote,
+      });
+      return data.close();
+    }
+    this.#forget(pending);
+    const { user, service } = pending;
+    const started = performance.now();
+    logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
+      user: user.remote,
+      port: service.port,
+      client: service.name,
+      target: `${service.host}:${service.targetPort}`,
+    });
+    this.#tunnels.add(user);
+    this.#tunnels.add(data);
+    const result = await bridge(user, data);
+    this.#tunnels.delete(user);
+    this.#tunnels.delete(data);
+    logger.info(
+      "tunnel closed: user {user} → service {port} → client {client}; {up} bytes up, {down} bytes down, {ms} ms" +
+        (result.error ? " (cut short: {error})" : ""),
+      {
+        user: user.remote,
+        port: service.port,
+        client: service.name,
+        up: result.forward,
+        down: result.backward,
+        ms: Math.round(performance.now() - started),
+        error: result.error?.message,
+      },
+    );
+  }
+}

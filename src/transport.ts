@@ -1,0 +1,280 @@
+/**
+ * Byte streams behind one small interface, whatever carries them: plain TCP to users and local
+ * services, TLS between client and server.
+ *
+ * Every TCP socket gets no-delay. `Deno.listenTls` connections cannot set it, and their first
+ * small reply after the handshake stalls 40–90 ms (Nagle on our side, delayed ACK on the peer),
+ * so the server accepts TLS through `node:tls`, whose sockets can. The client dials plain TCP,
+ * sets no-delay, then upgrades with `Deno.startTls`.
+ * @module
+ */
+import * as tls from "node:tls";
+import type { Socket } from "node:net";
+import { Buffer } from "node:buffer";
+
+/** A connected, bidirectional byte stream with half-close. */
+export interface Stream {
+  /** The peer's address as `host:port`, for logs. */
+  readonly remote: string;
+  /** Reads into `p`; resolves to the byte count, or null at end of stream. */
+  read(p: Uint8Array): Promise<number | null>;
+  /** Writes all of `chunk`; resolves once the stream no longer needs it. */
+  write(chunk: Uint8Array): Promise<void>;
+  /** Ends our direction (FIN, or TLS close_notify) while the other keeps flowing. */
+  closeWrite(): Promise<void>;
+  /** Closes both directions at once. Safe to call more than once. */
+  close(): void;
+}
+
+/** Longest wait for a TCP connect plus TLS handshake, either side. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
+
+/** Node sockets buffer incoming data up to this many bytes before they pause the peer. */
+const NODE_READ_HIGH_WATER = 512 * 1024;
+
+/** Formats a Deno address for logs; IPv6 in brackets. */
+export function formatAddr(addr: Deno.Addr): string {
+  if (addr.transport === "tcp" || addr.transport === "udp") {
+    return addr.hostname.includes(":")
+      ? `[${addr.hostname}]:${addr.port}`
+      : `${addr.hostname}:${addr.port}`;
+  }
+  return addr.transport;
+}
+
+/** A Deno TCP or TLS connection as a {@link Stream}. */
+export class ConnStream implements Stream {
+  readonly remote: string;
+  #conn: Deno.Conn;
+  #closed = false;
+
+  constructor(conn: Deno.Conn, remote?: string) {
+    this.#conn = conn;
+    this.remote = remote ?? formatAddr(conn.remoteAddr);
+  }
+
+  read(p: Uint8Array): Promise<number | null> {
+    return this.#conn.read(p);
+  }
+
+  async write(chunk: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < chunk.length) done += await this.#conn.write(chunk.subarray(done));
+  }
+
+  async closeWrite(): Promise<void> {
+    await this.#conn.closeWrite();
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.#conn.close();
+    } catch {
+      // Already closed by the runtime after an error: nothing left to release.
+    }
+  }
+}
+
+/** A `node:net`/`node:tls` socket as a {@link Stream}, with bounded read buffering. */
+export class SocketStream implements Stream {
+  readonly remote: string;
+  #socket: Socket;
+  #chunks: Uint8Array[] = [];
+  #buffered = 0;
+  #ended = false;
+  #error: Error | undefined;
+  #wake: (() => void) | undefined;
+  #paused = false;
+
+  constructor(socket: Socket) {
+    this.#socket = socket;
+    const host = socket.remoteAddress ?? "?";
+    this.remote = host.includes(":")
+      ? `[${host}]:${socket.remotePort}`
+      : `${host}:${socket.remotePort}`;
+    socket.on("data", (data: Buffer) => {
+      this.#chunks.push(data);
+      this.#buffered += data.length;
+      if (this.#buffered >= NODE_READ_HIGH_WATER && !this.#paused) {
+        this.#paused = true;
+        socket.pause();
+      }
+      this.#notify();
+    });
+    socket.on("end", () => {
+      this.#ended = true;
+      this.#notify();
+    });
+    socket.on("error", (err: Error) => {
+      this.#error ??= err;
+      this.#notify();
+    });
+    socket.on("close", () => {
+      this.#ended = true;
+      this.#notify();
+    });
+  }
+
+  #notify(): void {
+    const wake = this.#wake;
+    this.#wake = undefined;
+    wake?.();
+  }
+
+  async read(p: Uint8Array): Promise<number | null> {
+    while (this.#chunks.length === 0) {
+      if (this.#error) throw this.#error;
+      if (this.#ended) return null;
+      await new Promise<void>((resolve) => this.#wake = resolve);
+    }
+    const head = this.#chunks[0];
+    const n = Math.min(head.length, p.length);
+    p.set(head.subarray(0, n));
+    if (n === head.length) this.#chunks.shift();
+    else this.#chunks[0] = head.subarray(n);
+    this.#buffered -= n;
+    if (this.#paused && this.#buffered < NODE_READ_HIGH_WATER / 2) {
+      this.#paused = false;
+      this.#socket.resume();
+    }
+    return n;
+  }
+
+  write(chunk: Uint8Array): Promise<void> {
+    if (this.#socket.destroyed || this.#socket.writableEnded) {
+      return Promise.reject(this.#error ?? new Error(`connection to ${this.remote} is closed`));
+    }
+    // The caller reuses `chunk` as soon as we resolve, so wait for the socket's own callback:
+    // it fires once the bytes have left our buffers.
+    return new Promise((resolve, reject) => {
+      this.#socket.write(chunk, (err?: Error | null) => err ? reject(err) : resolve());
+    });
+  }
+
+  closeWrite(): Promise<void> {
+    if (this.#socket.destroyed || this.#socket.writableEnded) return Promise.resolve();
+    return new Promise((resolve) => this.#socket.end(() => resolve()));
+  }
+
+  close(): void {
+    this.#socket.destroy();
+  }
+}
+
+/** Options for {@link connectTls}. */
+export interface ConnectTlsOptions {
+  /** Host name or address of the server; also the name its certificate must carry. */
+  hostname: string;
+  /** Port of the server's communication port. */
+  port: number;
+  /** PEM of the CA that must have signed the server's certificate. */
+  caCert: string;
+  /** Gives up after this many milliseconds (default {@link HANDSHAKE_TIMEOUT_MS}). */
+  timeoutMs?: number;
+}
+
+/** Dials the server with no-delay set, verifies its certificate, and returns the TLS stream. */
+export async function connectTls(options: ConnectTlsOptions): Promise<Stream> {
+  const timeoutMs = options.timeoutMs ?? HANDSHAKE_TIMEOUT_MS;
+  const signal = AbortSignal.timeout(timeoutMs);
+  const tcp = await Deno.connect({ hostname: options.hostname, port: options.port, signal });
+  tcp.setNoDelay(true);
+  const remote = formatAddr(tcp.remoteAddr);
+  let conn: Deno.TlsConn | undefined;
+  const timer = setTimeout(() => (conn ?? tcp).close(), timeoutMs);
+  try {
+    conn = await Deno.startTls(tcp, { hostname: options.hostname, caCerts: [options.caCert] });
+    await conn.handshake();
+  } catch (err) {
+    try {
+      (conn ?? tcp).close();
+    } catch {
+      // The timer may have closed it first.
+    }
+    if (signal.aborted || (err instanceof Deno.errors.BadResource)) {
+      throw new Error(`TLS handshake with ${remote} timed out after ${timeoutMs} ms`);
+    }
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
+  return new ConnStream(conn, remote);
+}
+
+/** Dials a plain TCP service (a local target, or a test's user) with no-delay set. */
+export async function connectTcp(
+  hostname: string,
+  port: number,
+  timeoutMs = HANDSHAKE_TIMEOUT_MS,
+): Promise<Stream> {
+  const conn = await Deno.connect({ hostname, port, signal: AbortSignal.timeout(timeoutMs) });
+  conn.setNoDelay(true);
+  return new ConnStream(conn);
+}
+
+/** A TLS listener that hands over each connection once its handshake is done. */
+export interface TlsListener {
+  /** The bound port (useful when asked for port 0). */
+  readonly port: number;
+  /** Stops accepting; live connections stay open. */
+  close(): Promise<void>;
+}
+
+/** Options for {@link listenTls}. */
+export interface ListenTlsOptions {
+  hostname: string;
+  port: number;
+  /** PEM certificate chain presented to clients. */
+  cert: string;
+  /** PEM private key of that certificate. */
+  key: string;
+  /** Called with every connection whose TLS handshake finished in time. */
+  onConnection: (stream: Stream) => void;
+  /** Called when a connection fails before its handshake completes. */
+  onHandshakeError?: (remote: string, err: Error) => void;
+}
+
+/** Listens for TLS on `hostname:port`, sets no-delay on each socket, bounds each handshake. */
+export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
+  const server = tls.createServer({
+    cert: options.cert,
+    key: options.key,
+    minVersion: "TLSv1.2",
+    allowHalfOpen: true,
+    handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
+  });
+  server.on("connection", (socket: Socket) => {
+    socket.setNoDelay(true);
+    // Bound the handshake ourselves too: the option above is not honoured by every runtime.
+    const timer = setTimeout(() => socket.destroy(), HANDSHAKE_TIMEOUT_MS);
+    socket.once("close", () => clearTimeout(timer));
+    socket.once("secure", () => clearTimeout(timer));
+  });
+  server.on("secureConnection", (socket: tls.TLSSocket) => {
+    socket.setNoDelay(true);
+    options.onConnection(new SocketStream(socket));
+  });
+  server.on("tlsClientError", (err: Error, socket: tls.TLSSocket) => {
+    const remote = `${socket.remoteAddress}:${socket.remotePort}`;
+    socket.destroy();
+    options.onHandshakeError?.(remote, err);
+  });
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(options.port, options.hostname, () => {
+      server.off("error", reject);
+      server.on("error", () => {});
+      const address = server.address();
+      const port = typeof address === "object" && address ? address.port : options.port;
+      resolve({
+        port,
+        close: () => {
+          server.close(); // stops accepting; live connections are closed by their owners
+          return Promise.resolve();
+        },
+      });
+    });
+  });
+}
