@@ -243,15 +243,11 @@ export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
     key: options.key,
     minVersion: "TLSv1.2",
     allowHalfOpen: true,
+    // Ends with "tlsClientError", where the socket is destroyed.
     handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
   });
-  server.on("connection", (socket: Socket) => {
-    socket.setNoDelay(true);
-    // Bound the handshake ourselves too: the option above is not honoured by every runtime.
-    const timer = setTimeout(() => socket.destroy(), HANDSHAKE_TIMEOUT_MS);
-    socket.once("close", () => clearTimeout(timer));
-    socket.once("secure", () => clearTimeout(timer));
-  });
+  // No-delay before the handshake, so its last flight is not held back either.
+  server.on("connection", (socket: Socket) => socket.setNoDelay(true));
   server.on("secureConnection", (socket: tls.TLSSocket) => {
     socket.setNoDelay(true);
     options.onConnection(new SocketStream(socket));
