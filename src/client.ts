@@ -16,6 +16,7 @@ import {
   type Message,
   PROTOCOL_VERSION,
   type ServiceInfo,
+  STANDBY_CONNECTIONS,
 } from "./protocol.ts";
 import { sign } from "./keys.ts";
 import { connectTcp, connectTls, type Stream } from "./transport.ts";
@@ -35,6 +36,10 @@ export class Client {
   #wakeRetry: (() => void) | undefined;
   #tunnels = new Set<Promise<void>>();
   #streams = new Set<Stream>();
+  /** Standby data connections waiting for a user. */
+  #idle = new Set<Stream>();
+  /** Token of the current session, which standby connections present; none between sessions. */
+  #token: string | undefined;
 
   constructor(config: ClientConfig) {
     this.#config = config;
@@ -110,6 +115,10 @@ export class Client {
       });
       let remaining = welcome.pending;
       if (!infinite && remaining === 0) return;
+      if (infinite) {
+        this.#token = welcome.session;
+        for (let i = 0; i < STANDBY_CONNECTIONS; i++) this.#standby(welcome.session, framed);
+      }
       heartbeat = setInterval(() => {
         framed.send({ type: "ping" }).catch(() => stream.close());
       }, interval * 1000);
@@ -121,7 +130,7 @@ export class Client {
         if (message.type !== "connect") {
           throw new Error(`unexpected "${message.type}" on the control connection`);
         }
-        this.#startTunnel(message, framed);
+        this.#track(message, this.#tunnel(message, framed));
         // A one-shot check serves what was pending when it connected, then hangs up.
         if (!infinite && --remaining === 0) return;
       }
@@ -129,11 +138,14 @@ export class Client {
       clearInterval(heartbeat);
       stream.close();
       this.#control = undefined;
+      this.#token = undefined;
+      for (const idle of this.#idle) idle.close();
     }
   }
 
-  #startTunnel(request: Connect, control: FramedStream): void {
-    const tunnel = this.#tunnel(request, control).catch((err) => {
+  /** Keeps a tunnel in the set that shutdown and one-shot checks wait for; logs a failure. */
+  #track(request: Connect, work: Promise<void>): void {
+    const tunnel = work.catch((err) => {
       logger.warn("tunnel for user {user} failed: {error}", {
         user: request.user,
         error: (err as Error).message,
@@ -142,33 +154,88 @@ export class Client {
     this.#tunnels.add(tunnel);
   }
 
+  /** Connects to the local target, or tells the server why not (it then closes the user). */
+  async #connectLocal(request: Connect, control: FramedStream): Promise<Stream> {
+    try {
+      return await connectTcp(request.host, request.port);
+    } catch (err) {
+      const reason = `cannot connect to ${request.host}:${request.port}: ${(err as Error).message}`;
+      await control.send({ type: "reject", id: request.id, reason }).catch(() => {});
+      throw new Error(reason);
+    }
+  }
+
+  /** Serves a `connect` from the control connection: a new data connection for its id. */
   async #tunnel(request: Connect, control: FramedStream): Promise<void> {
-    const target = `${request.host}:${request.port}`;
     const [local, data] = await Promise.allSettled([
-      connectTcp(request.host, request.port),
+      this.#connectLocal(request, control),
       this.#connect(),
     ]);
     if (local.status === "rejected") {
       if (data.status === "fulfilled") data.value.close();
-      const reason = `cannot connect to ${target}: ${(local.reason as Error).message}`;
-      await control.send({ type: "reject", id: request.id, reason }).catch(() => {});
-      throw new Error(reason);
+      throw local.reason;
     }
     if (data.status === "rejected") {
       local.value.close();
       throw new Error(`cannot open a data connection: ${(data.reason as Error).message}`);
     }
-    const user = local.value, server = data.value;
+    const server = data.value;
     await new FramedStream(server).send({
       type: "data",
       version: PROTOCOL_VERSION,
       id: request.id,
     });
-    this.#streams.add(user).add(server);
+    await this.#bridge(request, server, local.value);
+  }
+
+  /**
+   * Keeps one standby data connection open for session `token`. The server hands it the next
+   * user at once, so that user's first byte waits for no round trip and no TLS handshake.
+   * Once used, it is replaced while the session lasts.
+   */
+  async #standby(token: string, control: FramedStream): Promise<void> {
+    let stream: Stream;
+    try {
+      stream = await this.#connect();
+    } catch (err) {
+      logger.debug("standby connection failed: {error}", { error: (err as Error).message });
+      return;
+    }
+    if (this.#token !== token) return stream.close();
+    this.#idle.add(stream);
+    let request: Message | null = null;
+    try {
+      const framed = new FramedStream(stream);
+      await framed.send({ type: "standby", version: PROTOCOL_VERSION, session: token });
+      request = await framed.read(Infinity); // until a user comes or the session closes it
+    } catch {
+      // Closed with its session, or by the server: nothing to serve.
+    } finally {
+      this.#idle.delete(stream);
+    }
+    if (request?.type !== "connect") return stream.close();
+    if (this.#token === token) this.#standby(token, control);
+    const connect = request;
+    this.#track(
+      connect,
+      this.#connectLocal(connect, control).then(
+        (local) => this.#bridge(connect, stream, local),
+        (err) => {
+          stream.close();
+          throw err;
+        },
+      ),
+    );
+  }
+
+  /** Bridges the server's side of a tunnel with the local service and logs the tunnel. */
+  async #bridge(request: Connect, server: Stream, local: Stream): Promise<void> {
+    const target = `${request.host}:${request.port}`;
+    this.#streams.add(local).add(server);
     const started = performance.now();
     logger.info("tunnel open: user {user} → {target}", { user: request.user, target });
-    const result = await bridge(server, user);
-    this.#streams.delete(user);
+    const result = await bridge(server, local);
+    this.#streams.delete(local);
     this.#streams.delete(server);
     logger.info(
       "tunnel closed: user {user} → {target}; {up} bytes up, {down} bytes down, {ms} ms" +

@@ -27,6 +27,15 @@ export const NONCE_BYTES = 32;
 /** Random bytes in a data-connection id (128 bits). */
 export const TUNNEL_ID_BYTES = 16;
 
+/** Random bytes in a session token, which standby connections present (128 bits). */
+export const SESSION_TOKEN_BYTES = 16;
+
+/** Standby data connections a client keeps open, so a user's tunnel needs no handshake. */
+export const STANDBY_CONNECTIONS = 4;
+
+/** Standby data connections the server holds per client at most; more are closed. */
+export const MAX_STANDBY_PER_CLIENT = 8;
+
 /** Longest client name accepted, in UTF-8 bytes. */
 export const MAX_NAME_BYTES = 255;
 
@@ -58,6 +67,16 @@ export interface DataHello {
   id: string;
 }
 
+/**
+ * Client → server, first frame of a standby data connection: hold me for the next user of
+ * the session whose token I carry.
+ */
+export interface Standby {
+  type: "standby";
+  version: number;
+  session: string;
+}
+
 /** Server → client: sign this nonce with your key. */
 export interface Challenge {
   type: "challenge";
@@ -70,11 +89,15 @@ export interface Auth {
   signature: string;
 }
 
-/** Server → client: authenticated; `pending` connect messages follow at once. */
+/**
+ * Server → client: authenticated; `pending` connect messages follow at once. `session` is the
+ * token that standby connections present.
+ */
 export interface Welcome {
   type: "welcome";
   services: ServiceInfo[];
   pending: number;
+  session: string;
 }
 
 /** Server → client: refused or dropped, with a reason meant for the admin. */
@@ -83,7 +106,10 @@ export interface Refused {
   reason: string;
 }
 
-/** Server → client: a user is waiting; open a data connection carrying `id`. */
+/**
+ * Server → client: a user is waiting. On the control connection: open a data connection
+ * carrying `id`. On a standby connection: this connection is the user's, raw bytes follow.
+ */
 export interface Connect {
   type: "connect";
   id: string;
@@ -105,7 +131,7 @@ export interface Ping {
 }
 
 /** Every message a client may send first on a connection. */
-export type Opening = Hello | DataHello;
+export type Opening = Hello | DataHello | Standby;
 /** Every message the server may send on a control connection. */
 export type ServerMessage = Challenge | Welcome | Refused | Connect | Ping;
 /** Every message a client may send on an authenticated control connection. */
@@ -261,6 +287,13 @@ export function decodeMessage(payload: Uint8Array): Message {
     case "data":
       expectKeys(o, type, ["version", "id"]);
       return { type, version: int(o, "version", 0, 0xffff), id: b64(o, "id", TUNNEL_ID_BYTES) };
+    case "standby":
+      expectKeys(o, type, ["version", "session"]);
+      return {
+        type,
+        version: int(o, "version", 0, 0xffff),
+        session: b64(o, "session", SESSION_TOKEN_BYTES),
+      };
     case "challenge":
       expectKeys(o, type, ["nonce"]);
       return { type, nonce: b64(o, "nonce", NONCE_BYTES) };
@@ -268,8 +301,13 @@ export function decodeMessage(payload: Uint8Array): Message {
       expectKeys(o, type, ["signature"]);
       return { type, signature: b64(o, "signature", 64) };
     case "welcome":
-      expectKeys(o, type, ["services", "pending"]);
-      return { type, services: services(o), pending: int(o, "pending", 0, 1_000_000) };
+      expectKeys(o, type, ["services", "pending", "session"]);
+      return {
+        type,
+        services: services(o),
+        pending: int(o, "pending", 0, 1_000_000),
+        session: b64(o, "session", SESSION_TOKEN_BYTES),
+      };
     case "refused":
       expectKeys(o, type, ["reason"]);
       return { type, reason: str(o, "reason", MAX_REASON_CHARS) };
@@ -325,8 +363,12 @@ export class FramedStream {
     this.stream = stream;
   }
 
-  /** Reads one message, or null at a clean end of stream; closes the stream on timeout. */
+  /**
+   * Reads one message, or null at a clean end of stream; closes the stream on timeout. Only a
+   * standby connection waits without a timeout: its session closes it when it ends.
+   */
   async read(timeoutMs: number): Promise<Message | null> {
+    if (timeoutMs === Infinity) return await this.#readFrame();
     let timer: ReturnType<typeof setTimeout> | undefined;
     let timedOut = false;
     const deadline = new Promise<never>((_, reject) => {

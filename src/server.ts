@@ -14,8 +14,10 @@ import {
   fromBase64,
   HEARTBEAT_MISSES,
   type Hello,
+  MAX_STANDBY_PER_CLIENT,
   NONCE_BYTES,
   PROTOCOL_VERSION,
+  SESSION_TOKEN_BYTES,
   TUNNEL_ID_BYTES,
 } from "./protocol.ts";
 import { verify } from "./keys.ts";
@@ -33,10 +35,14 @@ interface PendingUser {
   id?: string;
 }
 
-/** One authenticated control connection. */
+/** One authenticated control connection, and the standby connections opened under it. */
 class Session {
   #heartbeat: ReturnType<typeof setInterval> | undefined;
   closed = false;
+  /** Presented by this client's standby connections. */
+  readonly token = crypto.getRandomValues(new Uint8Array(SESSION_TOKEN_BYTES)).toBase64();
+  /** Idle standby data connections, oldest first. */
+  readonly standby: Stream[] = [];
 
   constructor(
     readonly name: string,
@@ -64,6 +70,7 @@ class Session {
     this.closed = true;
     clearInterval(this.#heartbeat);
     this.framed.stream.close();
+    for (const stream of this.standby.splice(0)) stream.close();
   }
 }
 
@@ -73,6 +80,7 @@ export class Server {
   #tls: TlsListener | undefined;
   #listeners: Deno.Listener[] = [];
   #sessions = new Map<string, Session>();
+  #byToken = new Map<string, Session>();
   #waiting = new Map<string, PendingUser[]>();
   #byId = new Map<string, PendingUser>();
   #tunnels = new Set<Stream>();
@@ -176,7 +184,11 @@ export class Server {
     queue.push(pending);
     this.#waiting.set(service.name, queue);
     const session = this.#sessions.get(service.name);
-    if (session) {
+    const standby = session?.standby.shift();
+    if (standby) {
+      this.#forget(pending);
+      this.#useStandby(pending, standby);
+    } else if (session) {
       this.#issue(pending, session);
     } else {
       logger.info("user {user} on service {port} waits for client {client}", {
@@ -227,14 +239,39 @@ export class Server {
     }).catch(() => session.close());
   }
 
+  /** Hands `pending`'s user to an idle standby connection: no round trip, no handshake. */
+  #useStandby(pending: PendingUser, standby: Stream): Promise<void> {
+    const { service, user } = pending;
+    // Not awaited: the bridge's first write queues behind this frame on the same socket, and
+    // if the connection turns out dead the bridge fails and closes the user.
+    new FramedStream(standby).send({
+      type: "connect",
+      id: crypto.getRandomValues(new Uint8Array(TUNNEL_ID_BYTES)).toBase64(),
+      host: service.host,
+      port: service.targetPort,
+      user: user.remote,
+    }).catch(() => standby.close());
+    return this.#tunnel(user, standby, service);
+  }
+
+  /** Parks a standby connection on its session until a user needs it. */
+  #park(stream: Stream, token: string): void {
+    const session = this.#byToken.get(token);
+    if (!session || session.closed || session.standby.length >= MAX_STANDBY_PER_CLIENT) {
+      logger.debug("standby connection from {remote} refused", { remote: stream.remote });
+      return stream.close();
+    }
+    session.standby.push(stream);
+  }
+
   async #handleConnection(stream: Stream): Promise<void> {
     this.#connections.add(stream);
     const framed = new FramedStream(stream);
     try {
       const first = await framed.read(AUTH_STEP_TIMEOUT_MS);
       if (first === null) return stream.close();
-      if (first.type !== "hello" && first.type !== "data") {
-        throw new Error(`expected "hello" or "data" first, got "${first.type}"`);
+      if (first.type !== "hello" && first.type !== "data" && first.type !== "standby") {
+        throw new Error(`expected "hello", "data" or "standby" first, got "${first.type}"`);
       }
       if (first.version !== PROTOCOL_VERSION) {
         await framed.send({
@@ -247,6 +284,10 @@ export class Server {
       if (first.type === "data") {
         this.#connections.delete(stream);
         return this.#pair(stream, first);
+      }
+      if (first.type === "standby") {
+        this.#connections.delete(stream);
+        return this.#park(stream, first.session);
       }
       await this.#control(framed, first);
     } catch (err) {
@@ -296,6 +337,7 @@ export class Server {
     const session = new Session(hello.name, framed, hello.interval);
     const old = this.#sessions.get(hello.name);
     this.#sessions.set(hello.name, session);
+    this.#byToken.set(session.token, session);
     if (old) {
       logger.info("client {name}: new connection from {remote} replaces the one from {old}", {
         name: hello.name,
@@ -315,6 +357,7 @@ export class Server {
         target_port: s.targetPort,
       })),
       pending: waiting.length,
+      session: session.token,
     });
     for (const pending of waiting) this.#issue(pending, session);
     session.startHeartbeat();
@@ -335,6 +378,7 @@ export class Server {
       reason = (err as Error).message;
     } finally {
       session.close();
+      this.#byToken.delete(session.token);
       if (this.#sessions.get(hello.name) === session) this.#sessions.delete(hello.name);
     }
     logger.info("client {name} disconnected ({reason})", { name: hello.name, reason });
@@ -366,7 +410,11 @@ export class Server {
       return data.close();
     }
     this.#forget(pending);
-    const { user, service } = pending;
+    await this.#tunnel(pending.user, data, pending.service);
+  }
+
+  /** Bridges a user with its data connection and logs the tunnel's life. */
+  async #tunnel(user: Stream, data: Stream, service: ServiceConfig): Promise<void> {
     const started = performance.now();
     logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
       user: user.remote,

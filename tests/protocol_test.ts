@@ -20,7 +20,9 @@ Deno.test("every message survives an encode/decode round trip unchanged", () => 
       type: "welcome",
       services: [{ port: 10022, host: "localhost", target_port: 22 }],
       pending: 2,
+      session: id,
     },
+    { type: "standby", version: 1, session: id },
     { type: "refused", reason: "no" },
     { type: "connect", id, host: "localhost", port: 22, user: "203.0.113.9:5555" },
     { type: "reject", id, reason: "refused" },
@@ -46,7 +48,11 @@ Deno.test("the decoder rejects malformed frames with a ProtocolError that says w
     [encode({ type: "data", version: 1, id: "AAAA" }), /16 bytes/],
     [encode({ type: "data", version: 1, id: id.slice(0, -2) + "=" }), /16 bytes/],
     [encode({ type: "connect", id, host: "h", port: 70000, user: "u" }), /"port"/],
-    [encode({ type: "welcome", services: [{ port: 1 }], pending: 0 }), /service entry/],
+    [
+      encode({ type: "welcome", services: [{ port: 1 }], pending: 0, session: id }),
+      /service entry/,
+    ],
+    [encode({ type: "standby", version: 1, session: "" }), /16 bytes/],
   ];
   for (const [payload, pattern] of cases) {
     assert.throws(() => decodeMessage(payload), (err: Error) => {
