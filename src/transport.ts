@@ -77,6 +77,16 @@ export class ConnStream implements Stream {
   }
 }
 
+/**
+ * The TCP handle under a Deno `node:tls` socket. Deno's TLS sockets keep reading the TCP
+ * handle while paused, buffering without bound; stopping the handle itself restores TCP flow
+ * control. Absent on other runtimes, where `pause()` alone suffices.
+ */
+function tcpHandle(socket: Socket): { readStop(): void; readStart(): void } | undefined {
+  // deno-lint-ignore no-explicit-any
+  return (socket as any)._handle?._nativeTcpHandle;
+}
+
 /** A `node:net`/`node:tls` socket as a {@link Stream}, with bounded read buffering. */
 export class SocketStream implements Stream {
   readonly remote: string;
@@ -100,6 +110,7 @@ export class SocketStream implements Stream {
       if (this.#buffered >= NODE_READ_HIGH_WATER && !this.#paused) {
         this.#paused = true;
         socket.pause();
+        tcpHandle(socket)?.readStop();
       }
       this.#notify();
     });
@@ -137,6 +148,7 @@ export class SocketStream implements Stream {
     this.#buffered -= n;
     if (this.#paused && this.#buffered < NODE_READ_HIGH_WATER / 2) {
       this.#paused = false;
+      tcpHandle(this.#socket)?.readStart();
       this.#socket.resume();
     }
     return n;
