@@ -38,9 +38,15 @@ async function pump(from: Stream, to: Stream, count: (n: number) => void): Promi
   await to.closeWrite();
 }
 
-/** Bridges `a` and `b` until both directions end; always closes both. */
-export async function bridge(a: Stream, b: Stream): Promise<BridgeResult> {
-  const result: BridgeResult = { forward: 0, backward: 0 };
+/**
+ * Bridges `a` and `b` until both directions end; always closes both. `result` is updated as
+ * bytes flow, so a status page can read a live tunnel's counts.
+ */
+export async function bridge(
+  a: Stream,
+  b: Stream,
+  result: BridgeResult = { forward: 0, backward: 0 },
+): Promise<BridgeResult> {
   const fail = (err: unknown) => {
     result.error ??= err instanceof Error ? err : new Error(String(err));
     a.close();

@@ -39,6 +39,10 @@ export interface ServerConfig {
   keyPem: string;
   /** Seconds a user waits for the client before being closed. */
   pendingTimeout: number;
+  /** Seconds live tunnels may run on after SIGINT/SIGTERM before they are closed. */
+  shutdownGrace: number;
+  /** Status page and metrics: where to listen (none when `status_port` is absent). */
+  status?: { host: string; port: number; token?: string };
   logLevel?: LogLevel;
   /** Client name → its Ed25519 public key. */
   clients: Map<string, CryptoKey>;
@@ -177,6 +181,14 @@ async function readToml(file: string): Promise<Table> {
   }
 }
 
+function statusPort(r: Reader, communicationPort: number, services: Set<number>): number {
+  const port = r.port("status_port");
+  if (port === communicationPort || services.has(port)) {
+    r.fail("status_port", `port ${port} is already used by communication_port or a service`);
+  }
+  return port;
+}
+
 /** Loads, validates and resolves a server config file. */
 export async function loadServerConfig(file: string): Promise<ServerConfig> {
   file = resolve(file);
@@ -185,6 +197,10 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "communication_port",
     "communication_server_certificate",
     "listen_host",
+    "shutdown_grace",
+    "status_port",
+    "status_host",
+    "status_token",
     "pending_timeout",
     "log_level",
     "clients",
@@ -281,6 +297,14 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     certPem: cert.text,
     keyPem: key.text,
     pendingTimeout: r.seconds("pending_timeout", 60, 86_400),
+    shutdownGrace: r.seconds("shutdown_grace", 10, 3600),
+    status: r.has("status_port")
+      ? {
+        port: statusPort(r, communicationPort, seen),
+        host: r.string("status_host", "127.0.0.1"),
+        token: r.has("status_token") ? r.string("status_token") : undefined,
+      }
+      : undefined,
     logLevel: r.logLevel(),
     clients,
     services,

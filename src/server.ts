@@ -5,7 +5,8 @@
  */
 import type { ServerConfig, ServiceConfig } from "./config.ts";
 import { log } from "./log.ts";
-import { bridge } from "./bridge.ts";
+import { bridge, type BridgeResult } from "./bridge.ts";
+import { VERSION } from "./version.ts";
 import {
   AUTH_STEP_TIMEOUT_MS,
   authPayload,
@@ -35,6 +36,61 @@ interface PendingUser {
   id?: string;
 }
 
+/** A live tunnel as the status page shows it. */
+export interface TunnelInfo {
+  /** Sequence number, unique for the server's lifetime. */
+  id: number;
+  /** Public port of the service. */
+  service: number;
+  client: string;
+  /** The user's address. */
+  user: string;
+  /** Unix time in ms when the tunnel opened. */
+  started: number;
+  /** Bytes from the user to the client's service so far. */
+  bytesUp: number;
+  /** Bytes from the client's service to the user so far. */
+  bytesDown: number;
+}
+
+/** Everything the server knows about its state, for status pages and metrics. */
+export interface ServerSnapshot {
+  version: string;
+  /** Unix time in ms when the server started. */
+  started: number;
+  clients: {
+    name: string;
+    connected: boolean;
+    remote?: string;
+    /** Unix time in ms. */
+    connectedSince?: number;
+    /** Unix time in ms of the last frame heard from it. */
+    lastHeartbeat?: number;
+    protocolVersion?: number;
+    standby: number;
+  }[];
+  services: {
+    port: number;
+    client: string;
+    host: string;
+    targetPort: number;
+    liveTunnels: number;
+    waitingUsers: number;
+    tunnelsTotal: number;
+    bytesUp: number;
+    bytesDown: number;
+  }[];
+  tunnels: TunnelInfo[];
+  authFailures: number;
+}
+
+/** Per-service counters that outlive the tunnels they count. */
+interface ServiceTotals {
+  tunnels: number;
+  bytesUp: number;
+  bytesDown: number;
+}
+
 /** One authenticated control connection, and the standby connections opened under it. */
 class Session {
   #heartbeat: ReturnType<typeof setInterval> | undefined;
@@ -43,6 +99,9 @@ class Session {
   readonly token = crypto.getRandomValues(new Uint8Array(SESSION_TOKEN_BYTES)).toBase64();
   /** Idle standby data connections, oldest first. */
   readonly standby: Stream[] = [];
+  readonly connectedSince = Date.now();
+  /** Unix time in ms of the last frame from the client. */
+  lastSeen = Date.now();
 
   constructor(
     readonly name: string,
@@ -83,7 +142,11 @@ export class Server {
   #byToken = new Map<string, Session>();
   #waiting = new Map<string, PendingUser[]>();
   #byId = new Map<string, PendingUser>();
-  #tunnels = new Set<Stream>();
+  #tunnels = new Map<TunnelInfo, { user: Stream; data: Stream; counts: BridgeResult }>();
+  #tunnelSeq = 0;
+  #totals = new Map<number, ServiceTotals>();
+  #authFailures = 0;
+  readonly #started = Date.now();
   #connections = new Set<Stream>();
 
   constructor(config: ServerConfig) {
@@ -155,7 +218,61 @@ export class Server {
     }
     this.#waiting.clear();
     this.#byId.clear();
-    for (const stream of [...this.#tunnels, ...this.#connections]) stream.close();
+    for (const { user, data } of this.#tunnels.values()) {
+      user.close();
+      data.close();
+    }
+    for (const stream of this.#connections) stream.close();
+  }
+
+  #totalsOf(port: number): ServiceTotals {
+    let totals = this.#totals.get(port);
+    if (!totals) this.#totals.set(port, totals = { tunnels: 0, bytesUp: 0, bytesDown: 0 });
+    return totals;
+  }
+
+  /** The server's state right now: clients, services, live tunnels and counters. */
+  snapshot(): ServerSnapshot {
+    const live = [...this.#tunnels].map(([info, { counts }]) => ({
+      ...info,
+      bytesUp: counts.forward,
+      bytesDown: counts.backward,
+    }));
+    return {
+      version: VERSION,
+      started: this.#started,
+      clients: [...this.#config.clients.keys()].map((name) => {
+        const session = this.#sessions.get(name);
+        return session
+          ? {
+            name,
+            connected: true,
+            remote: session.remote,
+            connectedSince: session.connectedSince,
+            lastHeartbeat: session.lastSeen,
+            protocolVersion: PROTOCOL_VERSION,
+            standby: session.standby.length,
+          }
+          : { name, connected: false, standby: 0 };
+      }),
+      services: this.#config.services.map((s) => {
+        const totals = this.#totalsOf(s.port);
+        const mine = live.filter((t) => t.service === s.port);
+        return {
+          port: s.port,
+          client: s.name,
+          host: s.host,
+          targetPort: s.targetPort,
+          liveTunnels: mine.length,
+          waitingUsers: (this.#waiting.get(s.name) ?? []).filter((p) => p.service === s).length,
+          tunnelsTotal: totals.tunnels + mine.length,
+          bytesUp: totals.bytesUp + mine.reduce((n, t) => n + t.bytesUp, 0),
+          bytesDown: totals.bytesDown + mine.reduce((n, t) => n + t.bytesDown, 0),
+        };
+      }),
+      tunnels: live,
+      authFailures: this.#authFailures,
+    };
   }
 
   async #acceptUsers(listener: Deno.Listener, service: ServiceConfig): Promise<void> {
@@ -305,6 +422,7 @@ export class Server {
     const remote = framed.stream.remote;
     const key = this.#config.clients.get(hello.name);
     if (!key) {
+      this.#authFailures++;
       logger.warn("client from {remote} refused: unknown name {name}", {
         remote,
         name: hello.name,
@@ -322,6 +440,7 @@ export class Server {
     if (auth.type !== "auth") throw new Error(`expected "auth", got "${auth.type}"`);
     const signature = fromBase64(auth.signature)!;
     if (!await verify(key, signature, authPayload(nonce, hello.name))) {
+      this.#authFailures++;
       logger.warn("client from {remote} refused: wrong key for {name}", {
         remote,
         name: hello.name,
@@ -367,6 +486,7 @@ export class Server {
       for (;;) {
         const message = await framed.read(HEARTBEAT_MISSES * hello.interval * 1000);
         if (message === null) break;
+        session.lastSeen = Date.now();
         if (message.type === "ping") continue;
         if (message.type === "reject") {
           this.#rejected(session, message.id, message.reason);
@@ -416,17 +536,29 @@ export class Server {
   /** Bridges a user with its data connection and logs the tunnel's life. */
   async #tunnel(user: Stream, data: Stream, service: ServiceConfig): Promise<void> {
     const started = performance.now();
+    const info: TunnelInfo = {
+      id: ++this.#tunnelSeq,
+      service: service.port,
+      client: service.name,
+      user: user.remote,
+      started: Date.now(),
+      bytesUp: 0,
+      bytesDown: 0,
+    };
+    const counts: BridgeResult = { forward: 0, backward: 0 };
     logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
       user: user.remote,
       port: service.port,
       client: service.name,
       target: `${service.host}:${service.targetPort}`,
     });
-    this.#tunnels.add(user);
-    this.#tunnels.add(data);
-    const result = await bridge(user, data);
-    this.#tunnels.delete(user);
-    this.#tunnels.delete(data);
+    this.#tunnels.set(info, { user, data, counts });
+    const result = await bridge(user, data, counts);
+    this.#tunnels.delete(info);
+    const totals = this.#totalsOf(service.port);
+    totals.tunnels++;
+    totals.bytesUp += result.forward;
+    totals.bytesDown += result.backward;
     logger.info(
       "tunnel closed: user {user} → service {port} → client {client}; {up} bytes up, {down} bytes down, {ms} ms" +
         (result.error ? " (cut short: {error})" : ""),
