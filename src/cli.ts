@@ -13,6 +13,8 @@ export interface CommonOptions {
   config: string;
   logLevel?: LogLevel;
   logFormat: LogFormat;
+  /** The program's own boolean flags that were given. */
+  flags: Set<string>;
 }
 
 /** Prints `message` as the program's one-line failure and exits with `code`. */
@@ -30,6 +32,7 @@ export function parseCommon(
   args: string[],
   defaultConfig: string,
   help: string,
+  flags: string[] = [],
 ): CommonOptions {
   let values;
   try {
@@ -43,6 +46,7 @@ export function parseCommon(
         "log-format": { type: "string", default: "text" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean", short: "V" },
+        ...Object.fromEntries(flags.map((f) => [f, { type: "boolean" as const }])),
       },
     }));
   } catch (err) {
@@ -68,10 +72,14 @@ export function parseCommon(
   if (!(LOG_FORMATS as readonly string[]).includes(format)) {
     die(program, `--log-format must be text or json, got "${format}"`, 2);
   }
-  return { config: values.config, logLevel: level, logFormat: format as LogFormat };
+  const given = new Set(flags.filter((f) => (values as Record<string, unknown>)[f] === true));
+  return { config: values.config, logLevel: level, logFormat: format as LogFormat, flags: given };
 }
 
-/** Calls `stop` on the first SIGINT or SIGTERM; a second one exits at once. */
+/**
+ * Calls `stop` on the first SIGINT or SIGTERM (a graceful shutdown); a second one exits at
+ * once.
+ */
 export function onShutdown(stop: () => void): void {
   let signalled = false;
   const handler = () => {

@@ -23,6 +23,12 @@ import { connectTcp, connectTls, type Stream } from "./transport.ts";
 
 const logger = log("client");
 
+/** First reconnect delay; each failure doubles it, up to `interval`. */
+const RETRY_FIRST_MS = 1000;
+
+/** A control connection that lasted this long resets the reconnect delay to the first one. */
+const HEALTHY_MS = 30_000;
+
 /** The server refused us; retrying with the same config will not help until it changes. */
 export class RefusedError extends Error {
   override name = "RefusedError";
@@ -45,6 +51,9 @@ export class Client {
     this.#config = config;
   }
 
+  /** Unix time in ms when the current control connection authenticated. */
+  #connectedAt: number | undefined;
+
   /** Runs until stopped (`infinite = true`) or after one check; returns the exit code. */
   async run(): Promise<number> {
     const { remoteHost, remotePort, interval } = this.#config;
@@ -58,35 +67,66 @@ export class Client {
         return 1;
       }
     }
+    let failures = 0;
     while (!this.#stopping) {
+      this.#connectedAt = undefined;
+      let problem: unknown;
       try {
         await this.#session();
       } catch (err) {
-        if (this.#stopping) break;
-        logger.error("{error}; retrying in {interval} s", {
-          error: describeError(err, remoteHost, remotePort),
-          interval,
-        });
+        problem = err;
       }
       if (this.#stopping) break;
+      const healthy = this.#connectedAt !== undefined &&
+        Date.now() - this.#connectedAt >= HEALTHY_MS;
+      failures = healthy ? 0 : failures + 1;
+      // Exponential backoff with jitter, capped at `interval`: a server that is down is not
+      // hammered, and many clients that lost it at once do not return in lockstep.
+      const base = Math.min(interval * 1000, RETRY_FIRST_MS * 2 ** (failures - 1));
+      const delay = Math.round(base * (0.8 + 0.2 * Math.random()));
+      const error = problem === undefined
+        ? "control connection closed"
+        : describeError(problem, remoteHost, remotePort);
+      // A refusal needs the admin; a network problem usually passes by itself.
+      const retry = { error, delay: (delay / 1000).toFixed(1) };
+      if (problem instanceof RefusedError) logger.error("{error}; retrying in {delay} s", retry);
+      else logger.warn("{error}; retrying in {delay} s", retry);
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, interval * 1000);
+        const timer = setTimeout(resolve, delay);
         this.#wakeRetry = () => {
           clearTimeout(timer);
           resolve();
         };
       });
     }
-    await Promise.all(this.#tunnels);
+    await this.#drain();
     return 0;
   }
 
-  /** Stops reconnecting and closes the control connection and every tunnel. */
+  /** Waits for live tunnels, up to `shutdown_grace` once stopping, then closes the rest. */
+  async #drain(): Promise<void> {
+    if (this.#tunnels.size === 0) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const grace = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, this.#config.shutdownGrace * 1000);
+    });
+    if (this.#stopping) {
+      logger.info("shutting down: waiting up to {grace} s for {live} live tunnels", {
+        grace: this.#config.shutdownGrace,
+        live: this.#tunnels.size,
+      });
+    }
+    await Promise.race([Promise.all(this.#tunnels), grace]);
+    clearTimeout(timer);
+    for (const stream of this.#streams) stream.close();
+    await Promise.all(this.#tunnels);
+  }
+
+  /** Stops reconnecting, closes the control connection; live tunnels get a grace period. */
   stop(): void {
     this.#stopping = true;
     this.#wakeRetry?.();
     this.#control?.close();
-    for (const stream of this.#streams) stream.close();
   }
 
   async #connect(): Promise<Stream> {
@@ -108,6 +148,7 @@ export class Client {
       const signature = await sign(key, authPayload(nonce, name));
       await framed.send({ type: "auth", signature: signature.toBase64() });
       const welcome = expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "welcome");
+      this.#connectedAt = Date.now();
       logger.info("connected to {server} as {name}; serving {services}", {
         server: stream.remote,
         name,
@@ -154,15 +195,28 @@ export class Client {
     this.#tunnels.add(tunnel);
   }
 
-  /** Connects to the local target, or tells the server why not (it then closes the user). */
+  /**
+   * Connects to the local target if this client allows it, or tells the server why not (the
+   * server then closes the user).
+   */
   async #connectLocal(request: Connect, control: FramedStream): Promise<Stream> {
-    try {
-      return await connectTcp(request.host, request.port);
-    } catch (err) {
-      const reason = `cannot connect to ${request.host}:${request.port}: ${(err as Error).message}`;
-      await control.send({ type: "reject", id: request.id, reason }).catch(() => {});
-      throw new Error(reason);
+    const target = `${request.host}:${request.port}`;
+    let reason: string;
+    if (!allows(this.#config.allow, request.host, request.port)) {
+      reason = `${target} is not in this client's allow list`;
+      logger.warn("refused to connect user {user} to {target}: not in the allow list", {
+        user: request.user,
+        target,
+      });
+    } else {
+      try {
+        return await connectTcp(request.host, request.port);
+      } catch (err) {
+        reason = `cannot connect to ${target}: ${(err as Error).message}`;
+      }
     }
+    await control.send({ type: "reject", id: request.id, reason }).catch(() => {});
+    throw new Error(reason);
   }
 
   /** Serves a `connect` from the control connection: a new data connection for its id. */
@@ -250,6 +304,19 @@ export class Client {
       },
     );
   }
+}
+
+/** Hosts that mean this machine, where a client without an allow list may connect. */
+const LOCAL_HOSTS = new Set(["localhost", "127.0.0.1", "::1"]);
+
+/**
+ * Whether a client may connect to `host:port`: an entry of its allow list says so, or, with
+ * no list, the host is this machine.
+ */
+export function allows(allow: ClientConfig["allow"], host: string, port: number): boolean {
+  const h = host.toLowerCase();
+  if (allow === undefined) return LOCAL_HOSTS.has(h);
+  return allow.some((entry) => entry.host === h && entry.port === port);
 }
 
 function expect<T extends Message["type"]>(

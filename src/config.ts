@@ -60,6 +60,10 @@ export interface ClientConfig {
   /** Seconds between heartbeats and between reconnect attempts. */
   interval: number;
   infinite: boolean;
+  /** Seconds live tunnels may run on after SIGINT/SIGTERM before they are closed. */
+  shutdownGrace: number;
+  /** Targets this client may connect to; none given means any port on this machine. */
+  allow?: { host: string; port: number }[];
   logLevel?: LogLevel;
 }
 
@@ -138,12 +142,27 @@ class Reader {
     return v;
   }
 
-  /** Reads a file named by a key, relative to the config file's directory. */
-  async file_(key: string, path: unknown): Promise<{ path: string; text: string }> {
+  /**
+   * Reads a file named by a key, relative to the config file's directory. A `secret` (a
+   * private key) must not be readable by group or others, as OpenSSH insists too.
+   */
+  async file_(
+    key: string,
+    path: unknown,
+    secret = false,
+  ): Promise<{ path: string; text: string }> {
     if (typeof path !== "string" || path === "") {
       this.fail(key, `expected a file path, got ${describe(path)}`);
     }
     const full = resolve(dirname(this.file), path);
+    const mode = secret ? (await Deno.stat(full).catch(() => null))?.mode : null;
+    if (mode != null && (mode & 0o077) !== 0) {
+      this.fail(
+        key,
+        `private key ${full} is readable by others (mode ${(mode & 0o777).toString(8)}); ` +
+          `run: chmod 600 ${full}`,
+      );
+    }
     try {
       return { path: full, text: await Deno.readTextFile(full) };
     } catch (err) {
@@ -209,7 +228,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
   const communicationPort = r.port("communication_port");
   const [certPath, keyPath] = r.pair("communication_server_certificate");
   const cert = await r.file_("communication_server_certificate[0]", certPath);
-  const key = await r.file_("communication_server_certificate[1]", keyPath);
+  const key = await r.file_("communication_server_certificate[1]", keyPath, true);
   let certificate: X509Certificate;
   try {
     certificate = new X509Certificate(cert.text);
@@ -315,7 +334,17 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
 export async function loadClientConfig(file: string): Promise<ClientConfig> {
   file = resolve(file);
   const r: Reader = new Reader(file, await readToml(file));
-  r.only(["name", "remote", "cafile", "key", "interval", "infinite", "log_level"]);
+  r.only([
+    "name",
+    "remote",
+    "cafile",
+    "key",
+    "interval",
+    "infinite",
+    "shutdown_grace",
+    "allow",
+    "log_level",
+  ]);
   const name = r.string("name");
   const problem = checkName(name);
   if (problem) r.fail("name", problem);
@@ -330,7 +359,7 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
   } catch (err) {
     r.fail("cafile", `${ca.path} is not a PEM certificate: ${(err as Error).message}`);
   }
-  const keyFile = await r.file_("key", r.string("key"));
+  const keyFile = await r.file_("key", r.string("key"), true);
   let key: CryptoKey;
   try {
     key = await importPrivateKey(keyFile.text);
@@ -346,6 +375,24 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
     key,
     interval: r.seconds("interval", 5, 3600),
     infinite: r.boolean("infinite", true),
+    shutdownGrace: r.seconds("shutdown_grace", 10, 3600),
+    allow: r.has("allow") ? allowList(r) : undefined,
     logLevel: r.logLevel(),
   };
+}
+
+/** Parses `allow = ["host:port", "[v6]:port", …]`. */
+function allowList(r: Reader): { host: string; port: number }[] {
+  const v = r.table.allow;
+  if (!Array.isArray(v)) {
+    r.fail("allow", `expected a list of "host:port" strings, got ${describe(v)}`);
+  }
+  return v.map((entry, i) => {
+    const at = `allow[${i}]`;
+    const m = typeof entry === "string"
+      ? /^(?:\[([^\]]+)\]|([^:\s]+)):([0-9]+)$/.exec(entry)
+      : null;
+    if (!m) r.fail(at, `expected "host:port" (IPv6 as "[::1]:22"), got ${describe(entry)}`);
+    return { host: (m[1] ?? m[2]).toLowerCase(), port: r.port(at, Number(m[3])) };
+  });
 }

@@ -137,13 +137,16 @@ class Session {
 export class Server {
   #config: ServerConfig;
   #tls: TlsListener | undefined;
-  #listeners: Deno.Listener[] = [];
+  /** Service port → its listener and the service it serves now (reload may change it). */
+  #listeners = new Map<number, { listener: Deno.Listener; service: ServiceConfig }>();
   #sessions = new Map<string, Session>();
   #byToken = new Map<string, Session>();
   #waiting = new Map<string, PendingUser[]>();
   #byId = new Map<string, PendingUser>();
   #tunnels = new Map<TunnelInfo, { user: Stream; data: Stream; counts: BridgeResult }>();
   #tunnelSeq = 0;
+  /** Called when the last live tunnel closes, during a graceful shutdown. */
+  #onDrained: (() => void) | undefined;
   #totals = new Map<number, ServiceTotals>();
   #authFailures = 0;
   readonly #started = Date.now();
@@ -183,16 +186,10 @@ export class Server {
     }
     for (const service of this.#config.services) {
       try {
-        const listener = Deno.listen({ hostname: listenHost, port: service.port });
-        this.#listeners.push(listener);
-        this.#acceptUsers(listener, service);
+        this.#listen(service);
       } catch (err) {
         await this.close();
-        throw new Error(
-          `cannot listen on ${listenHost}:${service.port} (services.${service.port}): ${
-            (err as Error).message
-          }`,
-        );
+        throw err;
       }
     }
     logger.info("NATadm server ready: communication port {port}, services {services}", {
@@ -203,12 +200,112 @@ export class Server {
     });
   }
 
+  /** Opens a service's public port; throws a one-line error naming the port. */
+  #listen(service: ServiceConfig): void {
+    const host = this.#config.listenHost;
+    let listener: Deno.Listener;
+    try {
+      listener = Deno.listen({ hostname: host, port: service.port });
+    } catch (err) {
+      throw new Error(
+        `cannot listen on ${host}:${service.port} (services.${service.port}): ${
+          (err as Error).message
+        }`,
+      );
+    }
+    this.#listeners.set(service.port, { listener, service });
+    this.#acceptUsers(listener, service.port);
+  }
+
+  /**
+   * Applies a new configuration without a restart: added services start listening, removed
+   * ones stop (their live tunnels run on), changed ones apply to their next user; client keys
+   * apply to the next authentication, and clients no longer listed are disconnected.
+   * `communication_port` and `listen_host` need a restart; a new certificate applies at once.
+   */
+  reload(next: ServerConfig): void {
+    const old = this.#config;
+    if (next.communicationPort !== old.communicationPort || next.listenHost !== old.listenHost) {
+      logger.warn("communication_port and listen_host changes take effect after a restart");
+      next = { ...next, communicationPort: old.communicationPort, listenHost: old.listenHost };
+    }
+    if (next.certPem !== old.certPem || next.keyPem !== old.keyPem) {
+      this.#tls?.setCertificate(next.certPem, next.keyPem);
+    }
+    const wanted = new Map(next.services.map((s) => [s.port, s]));
+    let added = 0, removed = 0, changed = 0;
+    for (const [port, entry] of this.#listeners) {
+      const service = wanted.get(port);
+      if (!service) {
+        entry.listener.close();
+        this.#listeners.delete(port);
+        removed++;
+      } else if (JSON.stringify(service) !== JSON.stringify(entry.service)) {
+        entry.service = service;
+        changed++;
+      }
+    }
+    this.#config = next;
+    for (const service of next.services) {
+      if (this.#listeners.has(service.port)) continue;
+      try {
+        this.#listen(service);
+        added++;
+      } catch (err) {
+        logger.error("{error}", { error: (err as Error).message });
+      }
+    }
+    for (const [name, session] of this.#sessions) {
+      if (!next.clients.has(name)) {
+        session.refuse("this client was removed from the server's config");
+      }
+    }
+    logger.info(
+      "configuration reloaded: {added} services added, {removed} removed, {changed} changed",
+      { added, removed, changed },
+    );
+  }
+
+  /** Live tunnels right now. */
+  get liveTunnels(): number {
+    return this.#tunnels.size;
+  }
+
+  /**
+   * Stops accepting users and clients, lets live tunnels finish for up to `graceMs`, then
+   * closes whatever is left.
+   */
+  async shutdown(graceMs: number): Promise<void> {
+    this.#stopListening();
+    for (const session of this.#sessions.values()) {
+      await session.refuse("the server is shutting down");
+    }
+    const live = this.#tunnels.size;
+    if (live > 0) {
+      logger.info("shutting down: waiting up to {grace} s for {live} live tunnels", {
+        grace: graceMs / 1000,
+        live,
+      });
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        new Promise<void>((resolve) => this.#onDrained = resolve),
+        new Promise<void>((resolve) => timer = setTimeout(resolve, graceMs)),
+      ]);
+      clearTimeout(timer);
+    }
+    await this.close();
+  }
+
+  #stopListening(): void {
+    for (const { listener } of this.#listeners.values()) listener.close();
+    this.#listeners.clear();
+    this.#tls?.close();
+    this.#tls = undefined;
+  }
+
   /** Stops listening and closes every connection, tunnel and waiting user. */
   async close(): Promise<void> {
-    for (const listener of this.#listeners) listener.close();
-    this.#listeners = [];
-    await this.#tls?.close();
-    this.#tls = undefined;
+    this.#stopListening();
     for (const session of this.#sessions.values()) session.close();
     for (const users of this.#waiting.values()) {
       for (const pending of users) {
@@ -275,16 +372,18 @@ export class Server {
     };
   }
 
-  async #acceptUsers(listener: Deno.Listener, service: ServiceConfig): Promise<void> {
+  async #acceptUsers(listener: Deno.Listener, port: number): Promise<void> {
     try {
       for await (const conn of listener) {
         (conn as Deno.TcpConn).setNoDelay(true);
-        this.#userArrived(new ConnStream(conn), service);
+        const service = this.#listeners.get(port)?.service;
+        if (service) this.#userArrived(new ConnStream(conn), service);
+        else conn.close();
       }
     } catch (err) {
       if (!(err instanceof Deno.errors.BadResource)) {
         logger.error("service port {port} stopped accepting: {error}", {
-          port: service.port,
+          port,
           error: (err as Error).message,
         });
       }
@@ -555,6 +654,7 @@ export class Server {
     this.#tunnels.set(info, { user, data, counts });
     const result = await bridge(user, data, counts);
     this.#tunnels.delete(info);
+    if (this.#tunnels.size === 0) this.#onDrained?.();
     const totals = this.#totalsOf(service.port);
     totals.tunnels++;
     totals.bytesUp += result.forward;

@@ -232,6 +232,8 @@ export interface TlsListener {
   readonly port: number;
   /** Stops accepting; live connections stay open. */
   close(): Promise<void>;
+  /** Presents a new certificate and key to connections from now on. */
+  setCertificate(cert: string, key: string): void;
 }
 
 /** Options for {@link listenTls}. */
@@ -278,6 +280,7 @@ export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
       const port = typeof address === "object" && address ? address.port : options.port;
       resolve({
         port,
+        setCertificate: (cert, key) => server.setSecureContext({ cert, key }),
         close: () => {
           server.close(); // stops accepting; live connections are closed by their owners
           return Promise.resolve();
