@@ -6,9 +6,11 @@ import { die, onShutdown, parseCommon } from "./src/cli.ts";
 import { ConfigError, loadClientConfig } from "./src/config.ts";
 import { setupLogging } from "./src/log.ts";
 import { Client } from "./src/client.ts";
+import { clientPermissions } from "./src/permissions.ts";
 
 const HELP = `
 Usage: client.ts [--config FILE] [--log-level LEVEL] [--log-format text|json]
+                 [--print-permissions]
 
 Runs the NATadm client: keeps a TLS control connection to the server named by "remote"
 and, when a user connects to one of this client's services there, bridges that user to
@@ -17,14 +19,25 @@ the local port.
   -c, --config FILE     client config (default: client.toml)
       --log-level LEVEL trace, debug, info (default), warning, error, fatal
       --log-format FMT  text (default) or json
+      --print-permissions
+                        print the exact Deno permission flags this config needs, and exit
   -h, --help            show this help
   -V, --version         show the version
+
+SIGINT/SIGTERM stop reconnecting and let live tunnels finish for shutdown_grace seconds;
+a second signal exits at once.
 `;
 
-const options = parseCommon("natadm-client", Deno.args, "client.toml", HELP);
+const options = parseCommon("natadm-client", Deno.args, "client.toml", HELP, [
+  "print-permissions",
+]);
 const config = await loadClientConfig(options.config).catch((err) =>
   die("natadm-client", err instanceof ConfigError ? err.message : String(err))
 );
+if (options.flags.has("print-permissions")) {
+  console.log(clientPermissions(config).join(" "));
+  Deno.exit(0);
+}
 await setupLogging(options.logLevel ?? config.logLevel ?? "info", options.logFormat);
 const client = new Client(config);
 onShutdown(() => client.stop());

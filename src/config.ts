@@ -33,6 +33,8 @@ export interface ServiceConfig {
 /** A loaded and validated server configuration. */
 export interface ServerConfig {
   file: string;
+  /** Every other file the config names (certificate, key), as absolute paths. */
+  readFiles: string[];
   communicationPort: number;
   listenHost: string;
   certPem: string;
@@ -52,6 +54,8 @@ export interface ServerConfig {
 /** A loaded and validated client configuration. */
 export interface ClientConfig {
   file: string;
+  /** Every other file the config names (CA, key), as absolute paths. */
+  readFiles: string[];
   name: string;
   remoteHost: string;
   remotePort: number;
@@ -311,6 +315,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
 
   return {
     file,
+    readFiles: [cert.path, key.path],
     communicationPort,
     listenHost: r.string("listen_host", "0.0.0.0"),
     certPem: cert.text,
@@ -368,6 +373,7 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
   }
   return {
     file,
+    readFiles: [ca.path, keyFile.path],
     name,
     remoteHost: host,
     remotePort,

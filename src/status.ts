@@ -1,0 +1,510 @@
+/**
+ * The status server: a JSON document, Prometheus metrics and a self-refreshing HTML dashboard,
+ * all built from {@link Server.snapshot}, on their own (by default loopback-only) port.
+ *
+ * With a token configured, every request must carry `Authorization: Bearer TOKEN`. The one
+ * exception is the dashboard page `/`, which also accepts `?token=TOKEN` in its URL, because a
+ * browser cannot add the header by itself; the page then sends that token as a Bearer header
+ * on its own fetches of `/status.json`. The token is always compared in constant time.
+ * @module
+ */
+import { timingSafeEqual } from "node:crypto";
+import type { Server, ServerSnapshot } from "./server.ts";
+import { log } from "./log.ts";
+
+const logger = log("status");
+
+/** Where the status server listens, and the token it requires (none: open to whoever reaches it). */
+export interface StatusOptions {
+  /** Address to listen on; default 127.0.0.1. */
+  host?: string;
+  /** Port to listen on; 0 picks a free one. */
+  port: number;
+  /** Bearer token every request must present. */
+  token?: string;
+}
+
+/** A running status server. */
+export interface StatusServer {
+  /** The port actually bound. */
+  port: number;
+  /** Stops listening and waits for requests in flight. */
+  close(): Promise<void>;
+}
+
+/** One client in `/status.json`. Times are ISO 8601 strings, or null when not connected. */
+export interface ClientStatus {
+  name: string;
+  connected: boolean;
+  remote: string | null;
+  connected_since: string | null;
+  last_heartbeat: string | null;
+  protocol_version: number | null;
+  /** Idle data connections the client keeps ready for the next user. */
+  standby: number;
+}
+
+/** One service in `/status.json`. */
+export interface ServiceStatus {
+  port: number;
+  client: string;
+  /** `host:port` the client connects to on its side. */
+  target: string;
+  live_tunnels: number;
+  waiting_users: number;
+  tunnels_total: number;
+  bytes_up: number;
+  bytes_down: number;
+}
+
+/** One live tunnel in `/status.json`; up is user → service, down is service → user. */
+export interface TunnelStatus {
+  id: number;
+  service: number;
+  client: string;
+  user: string;
+  started: string;
+  bytes_up: number;
+  bytes_down: number;
+}
+
+/** The document served at `/status.json`. */
+export interface StatusDocument {
+  version: string;
+  /** When the server started (ISO 8601). */
+  started: string;
+  /** When this document was made (ISO 8601), for ages that do not depend on the reader's clock. */
+  now: string;
+  uptime_seconds: number;
+  auth_failures: number;
+  clients: ClientStatus[];
+  services: ServiceStatus[];
+  tunnels: TunnelStatus[];
+}
+
+const iso = (ms: number | undefined): string | null =>
+  ms === undefined ? null : new Date(ms).toISOString();
+
+/** Turns a server snapshot into the `/status.json` document. */
+export function statusDocument(snap: ServerSnapshot, now = Date.now()): StatusDocument {
+  return {
+    version: snap.version,
+    started: new Date(snap.started).toISOString(),
+    now: new Date(now).toISOString(),
+    uptime_seconds: Math.max(0, (now - snap.started) / 1000),
+    auth_failures: snap.authFailures,
+    clients: snap.clients.map((c) => ({
+      name: c.name,
+      connected: c.connected,
+      remote: c.remote ?? null,
+      connected_since: iso(c.connectedSince),
+      last_heartbeat: iso(c.lastHeartbeat),
+      protocol_version: c.protocolVersion ?? null,
+      standby: c.standby,
+    })),
+    services: snap.services.map((s) => ({
+      port: s.port,
+      client: s.client,
+      target: `${s.host.includes(":") ? `[${s.host}]` : s.host}:${s.targetPort}`,
+      live_tunnels: s.liveTunnels,
+      waiting_users: s.waitingUsers,
+      tunnels_total: s.tunnelsTotal,
+      bytes_up: s.bytesUp,
+      bytes_down: s.bytesDown,
+    })),
+    tunnels: snap.tunnels.map((t) => ({
+      id: t.id,
+      service: t.service,
+      client: t.client,
+      user: t.user,
+      started: new Date(t.started).toISOString(),
+      bytes_up: t.bytesUp,
+      bytes_down: t.bytesDown,
+    })),
+  };
+}
+
+/** Escapes a Prometheus label value: backslash, double quote and line feed. */
+export function escapeLabel(value: string): string {
+  return value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
+}
+
+type Labels = Record<string, string | number>;
+
+/** Builds one metric family: HELP, TYPE and its samples. */
+class Exposition {
+  #lines: string[] = [];
+
+  family(
+    name: string,
+    type: "gauge" | "counter",
+    help: string,
+    samples: [Labels, number][],
+  ): void {
+    const helpText = help.replace(/\\/g, "\\\\").replace(/\n/g, "\\n");
+    this.#lines.push(`# HELP ${name} ${helpText}`, `# TYPE ${name} ${type}`);
+    for (const [labels, value] of samples) {
+      const pairs = Object.entries(labels).map(([k, v]) => `${k}="${escapeLabel(String(v))}"`);
+      const labelText = pairs.length ? `{${pairs.join(",")}}` : "";
+      this.#lines.push(`${name}${labelText} ${formatValue(value)}`);
+    }
+  }
+
+  text(): string {
+    return this.#lines.join("\n") + "\n";
+  }
+}
+
+function formatValue(v: number): string {
+  if (Number.isNaN(v)) return "NaN";
+  if (v === Infinity) return "+Inf";
+  if (v === -Infinity) return "-Inf";
+  return Number.isInteger(v) ? String(v) : v.toFixed(3);
+}
+
+/** Renders a server snapshot in the Prometheus text exposition format (version 0.0.4). */
+export function metricsText(snap: ServerSnapshot, now = Date.now()): string {
+  const m = new Exposition();
+  const svc = (s: ServerSnapshot["services"][number]) => ({ service: s.port });
+  m.family("natadm_up", "gauge", "1 while the NATadm server is running.", [[{}, 1]]);
+  m.family("natadm_build_info", "gauge", "The NATadm version, as a label; always 1.", [
+    [{ version: snap.version }, 1],
+  ]);
+  m.family("natadm_uptime_seconds", "gauge", "Seconds since the server started.", [
+    [{}, Math.max(0, (now - snap.started) / 1000)],
+  ]);
+  m.family("natadm_clients_configured", "gauge", "Clients in the server's [clients] table.", [
+    [{}, snap.clients.length],
+  ]);
+  m.family("natadm_clients_connected", "gauge", "Clients with an authenticated connection.", [
+    [{}, snap.clients.filter((c) => c.connected).length],
+  ]);
+  m.family(
+    "natadm_client_connected",
+    "gauge",
+    "1 if the client is connected, 0 if not.",
+    snap.clients.map((c) => [{ client: c.name }, c.connected ? 1 : 0]),
+  );
+  m.family("natadm_tunnels_active", "gauge", "Live tunnels (users being served).", [
+    [{}, snap.tunnels.length],
+  ]);
+  m.family(
+    "natadm_tunnels_active_by_service",
+    "gauge",
+    "Live tunnels per service port.",
+    snap.services.map((s) => [{ service: s.port, client: s.client }, s.liveTunnels]),
+  );
+  m.family(
+    "natadm_tunnels_total",
+    "counter",
+    "Tunnels opened per service port since the server started.",
+    snap.services.map((s) => [svc(s), s.tunnelsTotal]),
+  );
+  m.family(
+    "natadm_bytes_total",
+    "counter",
+    "Bytes relayed per service port: up is user to service, down is service to user.",
+    snap.services.flatMap((s) =>
+      [
+        [{ ...svc(s), direction: "up" }, s.bytesUp],
+        [{ ...svc(s), direction: "down" }, s.bytesDown],
+      ] as [Labels, number][]
+    ),
+  );
+  m.family(
+    "natadm_auth_failures_total",
+    "counter",
+    "Client connections refused for an unknown name or a wrong key.",
+    [[{}, snap.authFailures]],
+  );
+  m.family(
+    "natadm_pending_users",
+    "gauge",
+    "Users waiting on a service port for their client.",
+    snap.services.map((s) => [svc(s), s.waitingUsers]),
+  );
+  return m.text();
+}
+
+/** SHA-256 of both sides first, so the comparison takes the same time whatever their lengths. */
+async function sameSecret(given: string, expected: string): Promise<boolean> {
+  const digest = async (s: string) =>
+    new Uint8Array(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(s)));
+  return timingSafeEqual(await digest(given), await digest(expected));
+}
+
+const SECURITY_HEADERS = {
+  "cache-control": "no-store",
+  "referrer-policy": "no-referrer",
+  "x-content-type-options": "nosniff",
+};
+
+function reply(status: number, body: string, type: string, extra: HeadersInit = {}): Response {
+  return new Response(body, {
+    status,
+    headers: { "content-type": type, ...SECURITY_HEADERS, ...extra },
+  });
+}
+
+const TEXT = "text/plain; charset=utf-8";
+
+/** Handles one request to the status server (exported for the server and its tests). */
+export async function handleStatusRequest(
+  server: Pick<Server, "snapshot">,
+  token: string | undefined,
+  request: Request,
+): Promise<Response> {
+  const url = new URL(request.url);
+  if (token !== undefined) {
+    const header = request.headers.get("authorization") ?? "";
+    const bearer = /^Bearer +(.+)$/i.exec(header)?.[1];
+    const query = url.pathname === "/" ? url.searchParams.get("token") : null;
+    const given = bearer ?? query;
+    if (given === null || given === undefined || !await sameSecret(given, token)) {
+      const hint = url.pathname === "/"
+        ? "Open this page as /?token=TOKEN (status_token from the server's config)."
+        : "Send the header: Authorization: Bearer TOKEN (status_token from the server's config).";
+      return reply(401, `401 Unauthorized. ${hint}\n`, TEXT, {
+        "www-authenticate": 'Bearer realm="natadm"',
+      });
+    }
+  }
+  const paths = ["/", "/status.json", "/metrics"];
+  if (!paths.includes(url.pathname)) return reply(404, "404 Not Found\n", TEXT);
+  if (request.method !== "GET") {
+    return reply(405, "405 Method Not Allowed: only GET\n", TEXT, { allow: "GET" });
+  }
+  const snap = server.snapshot();
+  switch (url.pathname) {
+    case "/status.json":
+      return reply(200, JSON.stringify(statusDocument(snap), null, 2) + "\n", "application/json");
+    case "/metrics":
+      return reply(200, metricsText(snap), "text/plain; version=0.0.4; charset=utf-8");
+    default:
+      return reply(200, DASHBOARD_HTML, "text/html; charset=utf-8", {
+        "content-security-policy":
+          "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; " +
+          "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'",
+      });
+  }
+}
+
+/**
+ * Starts the status server for `server` on `options.host`:`options.port`. Throws a one-line
+ * error naming the address if it cannot listen (e.g. the port is in use).
+ */
+export function startStatusServer(server: Server, options: StatusOptions): Promise<StatusServer> {
+  const host = options.host ?? "127.0.0.1";
+  let http: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    http = Deno.serve(
+      {
+        hostname: host,
+        port: options.port,
+        onListen() {},
+        onError(err) {
+          logger.error("status request failed: {error}", { error: (err as Error).message });
+          return reply(500, "500 Internal Server Error\n", TEXT);
+        },
+      },
+      (request) => handleStatusRequest(server, options.token, request),
+    );
+  } catch (err) {
+    return Promise.reject(
+      new Error(
+        `cannot listen on ${host}:${options.port} (status_port): ${(err as Error).message}`,
+      ),
+    );
+  }
+  return Promise.resolve({
+    port: http.addr.port,
+    close: () => http.shutdown(),
+  });
+}
+
+/** The URL a person opens for the dashboard, e.g. `http://127.0.0.1:8080/`. */
+export function statusUrl(host: string, port: number): string {
+  return `http://${host.includes(":") ? `[${host}]` : host}:${port}/`;
+}
+
+/**
+ * The dashboard: one self-contained page (inline CSS and JS, no external assets). It fetches
+ * `/status.json` every 2 s and renders it; every value goes through `esc` before it reaches
+ * innerHTML. Narrow screens get one card per row instead of a wide table.
+ */
+const DASHBOARD_HTML = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>NATadm status</title>
+<style>
+:root {
+  color-scheme: light dark;
+  --bg: #f6f7f9; --fg: #1d2330; --muted: #667085; --card: #fff; --line: #e3e6eb;
+  --ok: #12805c; --off: #b42318; --accent: #2457c5;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #12151b; --fg: #e6e9ef; --muted: #98a2b3; --card: #1b2029; --line: #2b3240;
+    --ok: #3ccb8f; --off: #f97066; --accent: #7aa2f7;
+  }
+}
+* { box-sizing: border-box; }
+body {
+  margin: 0; background: var(--bg); color: var(--fg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+}
+header { padding: 16px 20px 8px; display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 16px; }
+h1 { font-size: 20px; margin: 0; }
+h2 { font-size: 16px; margin: 24px 0 8px; }
+main { padding: 0 20px 24px; max-width: 1200px; }
+.muted { color: var(--muted); }
+#state { font-size: 13px; }
+#state.err { color: var(--off); font-weight: 600; }
+.tiles { display: grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap: 10px; }
+.tile { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 10px 14px; }
+.tile b { display: block; font-size: 24px; font-variant-numeric: tabular-nums; }
+.tile span { color: var(--muted); font-size: 13px; }
+table { width: 100%; border-collapse: collapse; background: var(--card);
+  border: 1px solid var(--line); border-radius: 10px; overflow: hidden; }
+th, td { text-align: left; padding: 8px 12px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: 12px; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); }
+tr:last-child td { border-bottom: 0; }
+td.num { font-variant-numeric: tabular-nums; }
+code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
+.dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 6px; }
+.on { color: var(--ok); } .on .dot { background: var(--ok); }
+.off { color: var(--off); } .off .dot { background: var(--off); }
+.empty { color: var(--muted); padding: 12px; background: var(--card);
+  border: 1px dashed var(--line); border-radius: 10px; }
+@media (max-width: 720px) {
+  header, main { padding-left: 12px; padding-right: 12px; }
+  table, tbody, tr, td { display: block; width: 100%; }
+  table { border: 0; background: none; }
+  thead { display: none; }
+  tr { background: var(--card); border: 1px solid var(--line); border-radius: 10px;
+    margin-bottom: 10px; padding: 6px 0; }
+  td { border: 0; padding: 3px 12px; display: flex; gap: 12px; }
+  td::before { content: attr(data-label); color: var(--muted); flex: 0 0 40%; font-size: 13px; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1>NATadm</h1>
+  <span class="muted" id="version"></span>
+  <span id="state" class="muted">loading…</span>
+</header>
+<main>
+  <noscript><p class="empty">This page needs JavaScript; the same data is at /status.json.</p></noscript>
+  <section class="tiles" id="tiles"></section>
+  <h2>Clients</h2><div id="clients"></div>
+  <h2>Services</h2><div id="services"></div>
+  <h2>Live tunnels</h2><div id="tunnels"></div>
+</main>
+<script>
+"use strict";
+const token = new URLSearchParams(location.search).get("token");
+const $ = (id) => document.getElementById(id);
+function esc(v) {
+  return String(v).replace(/[&<>"']/g, (c) =>
+    ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+function span(seconds) {
+  seconds = Math.max(0, Math.floor(seconds));
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds / 3600) % 24;
+  const m = Math.floor(seconds / 60) % 60, s = seconds % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + m + " m";
+  if (m) return m + " m " + s + " s";
+  return s + " s";
+}
+function ago(when, now, suffix = " ago") {
+  if (!when) return "—";
+  const t = new Date(when);
+  return '<span title="' + esc(t.toLocaleString()) + '">' +
+    esc(span((new Date(now) - t) / 1000) + suffix) + "</span>";
+}
+function table(headers, rows, empty) {
+  if (!rows.length) return '<p class="empty">' + esc(empty) + "</p>";
+  const head = "<thead><tr>" + headers.map((h) => "<th>" + esc(h) + "</th>").join("") +
+    "</tr></thead>";
+  const body = rows.map((cells) =>
+    "<tr>" + cells.map((html, i) =>
+      '<td data-label="' + esc(headers[i]) + '">' + html + "</td>").join("") + "</tr>").join("");
+  return "<table>" + head + "<tbody>" + body + "</tbody></table>";
+}
+function tile(value, label) {
+  return '<div class="tile"><b>' + esc(value) + "</b><span>" + esc(label) + "</span></div>";
+}
+function render(s) {
+  $("version").textContent = "v" + s.version + " · up " + span(s.uptime_seconds);
+  const connected = s.clients.filter((c) => c.connected).length;
+  const waiting = s.services.reduce((n, v) => n + v.waiting_users, 0);
+  $("tiles").innerHTML = tile(connected + " / " + s.clients.length, "clients connected") +
+    tile(s.tunnels.length, "live tunnels") + tile(waiting, "users waiting") +
+    tile(s.auth_failures, "auth failures");
+  $("clients").innerHTML = table(
+    ["Client", "State", "Address", "Connected", "Last heartbeat", "Protocol"],
+    s.clients.map((c) => [
+      "<b>" + esc(c.name) + "</b>",
+      c.connected ? '<span class="on"><i class="dot"></i>connected</span>'
+        : '<span class="off"><i class="dot"></i>offline</span>',
+      c.remote ? "<code>" + esc(c.remote) + "</code>" : "—",
+      ago(c.connected_since, s.now),
+      ago(c.last_heartbeat, s.now),
+      c.protocol_version === null ? "—" : "v" + esc(c.protocol_version),
+    ]),
+    "No clients configured.",
+  );
+  $("services").innerHTML = table(
+    ["Port", "Client", "Target", "Live", "Waiting", "Total", "Up", "Down"],
+    s.services.map((v) => [
+      "<code>" + esc(v.port) + "</code>", esc(v.client), "<code>" + esc(v.target) + "</code>",
+      esc(v.live_tunnels), esc(v.waiting_users), esc(v.tunnels_total),
+      '<span title="' + esc(v.bytes_up) + ' bytes">' + esc(bytes(v.bytes_up)) + "</span>",
+      '<span title="' + esc(v.bytes_down) + ' bytes">' + esc(bytes(v.bytes_down)) + "</span>",
+    ]),
+    "No services configured.",
+  );
+  $("tunnels").innerHTML = table(
+    ["#", "User", "Service", "Client", "Open for", "Up", "Down"],
+    s.tunnels.map((t) => [
+      esc(t.id), "<code>" + esc(t.user) + "</code>", "<code>" + esc(t.service) + "</code>",
+      esc(t.client), ago(t.started, s.now, ""),
+      '<span title="' + esc(t.bytes_up) + ' bytes">' + esc(bytes(t.bytes_up)) + "</span>",
+      '<span title="' + esc(t.bytes_down) + ' bytes">' + esc(bytes(t.bytes_down)) + "</span>",
+    ]),
+    "No live tunnels.",
+  );
+}
+async function refresh() {
+  const state = $("state");
+  try {
+    const res = await fetch("status.json", {
+      cache: "no-store",
+      headers: token ? { authorization: "Bearer " + token } : {},
+    });
+    if (!res.ok) throw new Error("HTTP " + res.status);
+    render(await res.json());
+    state.className = "muted";
+    state.textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    state.className = "err";
+    state.textContent = "cannot reach the server (" + err.message + "); retrying";
+  }
+}
+refresh();
+setInterval(refresh, 2000);
+</script>
+</body>
+</html>
+`;
