@@ -171,7 +171,7 @@ export class Client {
         if (message.type !== "connect") {
           throw new Error(`unexpected "${message.type}" on the control connection`);
         }
-        this.#track(message, this.#tunnel(message, framed));
+        this.#track(message, this.#tunnel(message, framed, welcome.session));
         // A one-shot check serves what was pending when it connected, then hangs up.
         if (!infinite && --remaining === 0) return;
       }
@@ -220,7 +220,7 @@ export class Client {
   }
 
   /** Serves a `connect` from the control connection: a new data connection for its id. */
-  async #tunnel(request: Connect, control: FramedStream): Promise<void> {
+  async #tunnel(request: Connect, control: FramedStream, session: string): Promise<void> {
     const [local, data] = await Promise.allSettled([
       this.#connectLocal(request, control),
       this.#connect(),
@@ -238,6 +238,7 @@ export class Client {
       type: "data",
       version: PROTOCOL_VERSION,
       id: request.id,
+      session,
     });
     await this.#bridge(request, server, local.value);
   }

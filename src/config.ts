@@ -10,6 +10,7 @@ import { createPrivateKey, X509Certificate } from "node:crypto";
 import { dirname, resolve } from "node:path";
 import { importPrivateKey, importPublicKey } from "./keys.ts";
 import { checkName, fromBase64 } from "./protocol.ts";
+import { Networks } from "./guard.ts";
 import { isLogLevel } from "./log.ts";
 import type { LogLevel } from "@logtape/logtape";
 
@@ -28,6 +29,8 @@ export interface ServiceConfig {
   host: string;
   /** Port on that host. */
   targetPort: number;
+  /** Users allowed to connect; everyone when absent. */
+  allowFrom?: Networks;
 }
 
 /** A loaded and validated server configuration. */
@@ -43,6 +46,12 @@ export interface ServerConfig {
   pendingTimeout: number;
   /** Seconds live tunnels may run on after SIGINT/SIGTERM before they are closed. */
   shutdownGrace: number;
+  /** Users waiting for their client, per service, before new ones are turned away. */
+  maxPendingUsers: number;
+  /** Live tunnels per client before new users are turned away. */
+  maxTunnelsPerClient: number;
+  /** Connections past their TLS handshake but not yet authenticated, at once. */
+  maxUnauthenticated: number;
   /** Status page and metrics: where to listen (none when `status_port` is absent). */
   status?: { host: string; port: number; token?: string };
   logLevel?: LogLevel;
@@ -112,6 +121,14 @@ class Reader {
     const v = this.table[key] ?? fallback;
     if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > max) {
       this.fail(key, `expected a whole number of seconds from 1 to ${max}, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  count(key: string, fallback: number): number {
+    const v = this.table[key] ?? fallback;
+    if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > 1_000_000) {
+      this.fail(key, `expected a whole number from 1 to 1000000, got ${describe(v)}`);
     }
     return v;
   }
@@ -221,6 +238,9 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "communication_server_certificate",
     "listen_host",
     "shutdown_grace",
+    "max_pending_users",
+    "max_tunnels_per_client",
+    "max_unauthenticated",
     "status_port",
     "status_host",
     "status_token",
@@ -300,7 +320,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     seen.add(port);
     if (!isTable(entry)) r.fail(at, `expected a table with name and port, got ${describe(entry)}`);
     const s: Reader = new Reader(file, entry, `${at}.`);
-    s.only(["name", "port", "host"]);
+    s.only(["name", "port", "host", "allow_from"]);
     const name = s.string("name");
     if (!clients.has(name)) {
       s.fail(
@@ -310,7 +330,25 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
         }] with its key`,
       );
     }
-    services.push({ port, name, host: s.string("host", "localhost"), targetPort: s.port("port") });
+    let allowFrom: Networks | undefined;
+    if (s.has("allow_from")) {
+      const list = entry.allow_from;
+      if (!Array.isArray(list) || list.some((x) => typeof x !== "string")) {
+        s.fail("allow_from", `expected a list of networks such as "203.0.113.0/24"`);
+      }
+      try {
+        allowFrom = new Networks(list as string[]);
+      } catch (err) {
+        s.fail("allow_from", (err as Error).message);
+      }
+    }
+    services.push({
+      port,
+      name,
+      host: s.string("host", "localhost"),
+      targetPort: s.port("port"),
+      allowFrom,
+    });
   }
 
   return {
@@ -322,6 +360,9 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     keyPem: key.text,
     pendingTimeout: r.seconds("pending_timeout", 60, 86_400),
     shutdownGrace: r.seconds("shutdown_grace", 10, 3600),
+    maxPendingUsers: r.count("max_pending_users", 128),
+    maxTunnelsPerClient: r.count("max_tunnels_per_client", 4096),
+    maxUnauthenticated: r.count("max_unauthenticated", 1024),
     status: r.has("status_port")
       ? {
         port: statusPort(r, communicationPort, seen),

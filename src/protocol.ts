@@ -60,11 +60,15 @@ export interface Hello {
   interval: number;
 }
 
-/** Client → server, first and only frame of a data connection: which user I carry. */
+/**
+ * Client → server, first and only frame of a data connection: which user I carry, and the
+ * token of the session that was asked for it (an id is only good with that session's token).
+ */
 export interface DataHello {
   type: "data";
   version: number;
   id: string;
+  session: string;
 }
 
 /**
@@ -285,8 +289,13 @@ export function decodeMessage(payload: Uint8Array): Message {
         interval: int(o, "interval", 1, 3600),
       };
     case "data":
-      expectKeys(o, type, ["version", "id"]);
-      return { type, version: int(o, "version", 0, 0xffff), id: b64(o, "id", TUNNEL_ID_BYTES) };
+      expectKeys(o, type, ["version", "id", "session"]);
+      return {
+        type,
+        version: int(o, "version", 0, 0xffff),
+        id: b64(o, "id", TUNNEL_ID_BYTES),
+        session: b64(o, "session", SESSION_TOKEN_BYTES),
+      };
     case "standby":
       expectKeys(o, type, ["version", "session"]);
       return {

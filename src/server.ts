@@ -22,6 +22,8 @@ import {
   TUNNEL_ID_BYTES,
 } from "./protocol.ts";
 import { verify } from "./keys.ts";
+import { AuthPenalty } from "./guard.ts";
+import { timingSafeEqual } from "node:crypto";
 import { ConnStream, listenTls, type Stream, type TlsListener } from "./transport.ts";
 
 const logger = log("server");
@@ -34,6 +36,8 @@ interface PendingUser {
   timer: ReturnType<typeof setTimeout>;
   /** The one-time id currently issued for it, if any. */
   id?: string;
+  /** Token of the session that id was issued to: the data connection must present it. */
+  session?: string;
 }
 
 /** A live tunnel as the status page shows it. */
@@ -149,6 +153,9 @@ export class Server {
   #onDrained: (() => void) | undefined;
   #totals = new Map<number, ServiceTotals>();
   #authFailures = 0;
+  #penalty = new AuthPenalty();
+  /** Connections past the TLS handshake whose first frame or authentication is pending. */
+  #unauthenticated = 0;
   readonly #started = Date.now();
   #connections = new Set<Stream>();
 
@@ -188,7 +195,7 @@ export class Server {
       try {
         this.#listen(service);
       } catch (err) {
-        await this.close();
+        this.close();
         throw err;
       }
     }
@@ -293,7 +300,7 @@ export class Server {
       ]);
       clearTimeout(timer);
     }
-    await this.close();
+    this.close();
   }
 
   #stopListening(): void {
@@ -304,7 +311,7 @@ export class Server {
   }
 
   /** Stops listening and closes every connection, tunnel and waiting user. */
-  async close(): Promise<void> {
+  close(): void {
     this.#stopListening();
     for (const session of this.#sessions.values()) session.close();
     for (const users of this.#waiting.values()) {
@@ -391,6 +398,27 @@ export class Server {
   }
 
   #userArrived(user: Stream, service: ServiceConfig): void {
+    const turnAway = (why: string) => {
+      user.close();
+      logger.warn("user {user} on service {port} refused: {why}", {
+        user: user.remote,
+        port: service.port,
+        why,
+      });
+    };
+    if (service.allowFrom && !service.allowFrom.has(user.remoteIp)) {
+      return turnAway("address not in allow_from");
+    }
+    const waiting = (this.#waiting.get(service.name) ?? []).filter((p) =>
+      p.service.port === service.port
+    );
+    if (waiting.length >= this.#config.maxPendingUsers) {
+      return turnAway(`${waiting.length} users already wait (max_pending_users)`);
+    }
+    const live = [...this.#tunnels.keys()].filter((t) => t.client === service.name).length;
+    if (live >= this.#config.maxTunnelsPerClient) {
+      return turnAway(`client ${service.name} has ${live} live tunnels (max_tunnels_per_client)`);
+    }
     const pending: PendingUser = {
       user,
       service,
@@ -445,6 +473,7 @@ export class Server {
     if (pending.id) this.#byId.delete(pending.id);
     const id = crypto.getRandomValues(new Uint8Array(TUNNEL_ID_BYTES)).toBase64();
     pending.id = id;
+    pending.session = session.token;
     this.#byId.set(id, pending);
     session.framed.send({
       type: "connect",
@@ -481,7 +510,20 @@ export class Server {
   }
 
   async #handleConnection(stream: Stream): Promise<void> {
+    if (this.#unauthenticated >= this.#config.maxUnauthenticated) {
+      logger.warn("connection from {remote} dropped: {count} others are still unauthenticated", {
+        remote: stream.remote,
+        count: this.#unauthenticated,
+      });
+      return stream.close();
+    }
     this.#connections.add(stream);
+    this.#unauthenticated++;
+    let counted = true;
+    const authenticated = () => {
+      if (counted) this.#unauthenticated--;
+      counted = false;
+    };
     const framed = new FramedStream(stream);
     try {
       const first = await framed.read(AUTH_STEP_TIMEOUT_MS);
@@ -499,13 +541,15 @@ export class Server {
       }
       if (first.type === "data") {
         this.#connections.delete(stream);
+        authenticated();
         return this.#pair(stream, first);
       }
       if (first.type === "standby") {
         this.#connections.delete(stream);
+        authenticated();
         return this.#park(stream, first.session);
       }
-      await this.#control(framed, first);
+      await this.#control(framed, first, authenticated);
     } catch (err) {
       logger.warn("connection from {remote} dropped: {error}", {
         remote: stream.remote,
@@ -513,14 +557,24 @@ export class Server {
       });
       stream.close();
     } finally {
+      authenticated();
       this.#connections.delete(stream);
     }
   }
 
-  async #control(framed: FramedStream, hello: Hello): Promise<void> {
+  async #control(
+    framed: FramedStream,
+    hello: Hello,
+    authenticated: () => void,
+  ): Promise<void> {
     const remote = framed.stream.remote;
+    const ip = framed.stream.remoteIp;
+    // An address that keeps failing waits longer for every answer, so guessing is slow.
+    const delay = this.#penalty.delay(ip);
+    if (delay > 0) await new Promise((resolve) => setTimeout(resolve, delay));
     const key = this.#config.clients.get(hello.name);
     if (!key) {
+      this.#penalty.fail(ip);
       this.#authFailures++;
       logger.warn("client from {remote} refused: unknown name {name}", {
         remote,
@@ -539,6 +593,7 @@ export class Server {
     if (auth.type !== "auth") throw new Error(`expected "auth", got "${auth.type}"`);
     const signature = fromBase64(auth.signature)!;
     if (!await verify(key, signature, authPayload(nonce, hello.name))) {
+      this.#penalty.fail(ip);
       this.#authFailures++;
       logger.warn("client from {remote} refused: wrong key for {name}", {
         remote,
@@ -552,6 +607,8 @@ export class Server {
       return framed.stream.close();
     }
 
+    this.#penalty.succeed(ip);
+    authenticated();
     const session = new Session(hello.name, framed, hello.interval);
     const old = this.#sessions.get(hello.name);
     this.#sessions.set(hello.name, session);
@@ -623,7 +680,14 @@ export class Server {
   async #pair(data: Stream, hello: DataHello): Promise<void> {
     const pending = this.#byId.get(hello.id);
     if (!pending) {
-      logger.warn("data connection from {remote} refused: unknown or expired id", {
+      logger.warn("data connection from {remote} refused: unknown, used or expired id", {
+        remote: data.remote,
+      });
+      return data.close();
+    }
+    if (!sameToken(pending.session, hello.session)) {
+      // Ids are bound to the session they were issued to: another client's id is no use.
+      logger.warn("data connection from {remote} refused: id belongs to another session", {
         remote: data.remote,
       });
       return data.close();
@@ -673,4 +737,11 @@ export class Server {
       },
     );
   }
+}
+
+/** Compares session tokens in constant time. */
+function sameToken(expected: string | undefined, given: string): boolean {
+  if (expected === undefined || expected.length !== given.length) return false;
+  const enc = new TextEncoder();
+  return timingSafeEqual(enc.encode(expected), enc.encode(given));
 }

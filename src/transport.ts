@@ -16,6 +16,8 @@ import { Buffer } from "node:buffer";
 export interface Stream {
   /** The peer's address as `host:port`, for logs. */
   readonly remote: string;
+  /** The peer's IP address alone, for per-address limits and allow lists. */
+  readonly remoteIp: string;
   /** Reads into `p`; resolves to the byte count, or null at end of stream. */
   read(p: Uint8Array): Promise<number | null>;
   /** Writes all of `chunk`; resolves once the stream no longer needs it. */
@@ -45,12 +47,14 @@ export function formatAddr(addr: Deno.Addr): string {
 /** A Deno TCP or TLS connection as a {@link Stream}. */
 export class ConnStream implements Stream {
   readonly remote: string;
+  readonly remoteIp: string;
   #conn: Deno.Conn;
   #closed = false;
 
   constructor(conn: Deno.Conn, remote?: string) {
     this.#conn = conn;
     this.remote = remote ?? formatAddr(conn.remoteAddr);
+    this.remoteIp = conn.remoteAddr.transport === "tcp" ? conn.remoteAddr.hostname : "";
   }
 
   read(p: Uint8Array): Promise<number | null> {
@@ -90,6 +94,7 @@ function tcpHandle(socket: Socket): { readStop(): void; readStart(): void } | un
 /** A `node:net`/`node:tls` socket as a {@link Stream}, with bounded read buffering. */
 export class SocketStream implements Stream {
   readonly remote: string;
+  readonly remoteIp: string;
   #socket: Socket;
   #chunks: Uint8Array[] = [];
   #buffered = 0;
@@ -101,6 +106,7 @@ export class SocketStream implements Stream {
   constructor(socket: Socket) {
     this.#socket = socket;
     const host = socket.remoteAddress ?? "?";
+    this.remoteIp = host;
     this.remote = host.includes(":")
       ? `[${host}]:${socket.remotePort}`
       : `${host}:${socket.remotePort}`;
