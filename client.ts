@@ -5,12 +5,12 @@
 import { die, onShutdown, parseCommon } from "./src/cli.ts";
 import { ConfigError, loadClientConfig } from "./src/config.ts";
 import { setupLogging } from "./src/log.ts";
-import { Client } from "./src/client.ts";
+import { Client, describeError } from "./src/client.ts";
 import { clientPermissions } from "./src/permissions.ts";
 
 const HELP = `
 Usage: client.ts [--config FILE] [--log-level LEVEL] [--log-format text|json]
-                 [--print-permissions]
+                 [--check] [--print-permissions]
 
 Runs the NATadm client: keeps a TLS control connection to the server named by "remote"
 and, when a user connects to one of this client's services there, bridges that user to
@@ -19,6 +19,8 @@ the local port.
   -c, --config FILE     client config (default: client.toml)
       --log-level LEVEL trace, debug, info (default), warning, error, fatal
       --log-format FMT  text (default) or json
+      --check           connect once, authenticate, print the services this client
+                        serves on that server, and exit (0 on success)
       --print-permissions
                         print the exact Deno permission flags this config needs, and exit
   -h, --help            show this help
@@ -29,6 +31,7 @@ a second signal exits at once.
 `;
 
 const options = parseCommon("natadm-client", Deno.args, "client.toml", HELP, [
+  "check",
   "print-permissions",
 ]);
 const config = await loadClientConfig(options.config).catch((err) =>
@@ -40,5 +43,17 @@ if (options.flags.has("print-permissions")) {
 }
 await setupLogging(options.logLevel ?? config.logLevel ?? "info", options.logFormat);
 const client = new Client(config);
+if (options.flags.has("check")) {
+  const where = `${config.remoteHost}:${config.remotePort}`;
+  const services = await client.check().catch((err) =>
+    die("natadm-client", describeError(err, config.remoteHost, config.remotePort))
+  );
+  console.log(`Authenticated to ${where} as "${config.name}".`);
+  if (services.length === 0) console.log("The server routes no services to this client.");
+  for (const s of services) {
+    console.log(`  server port ${s.port} → ${s.host}:${s.target_port} on this machine`);
+  }
+  Deno.exit(0);
+}
 onShutdown(() => client.stop());
 Deno.exit(await client.run());

@@ -17,6 +17,7 @@ import {
   PROTOCOL_VERSION,
   type ServiceInfo,
   STANDBY_CONNECTIONS,
+  type Welcome,
 } from "./protocol.ts";
 import { sign } from "./keys.ts";
 import { connectTcp, connectTls, type Stream } from "./transport.ts";
@@ -136,18 +137,13 @@ export class Client {
 
   /** One control connection: authenticate, then serve connect requests until it ends. */
   async #session(): Promise<void> {
-    const { name, interval, key, infinite } = this.#config;
+    const { name, interval, infinite } = this.#config;
     const stream = await this.#connect();
     this.#control = stream;
     const framed = new FramedStream(stream);
     let heartbeat: ReturnType<typeof setInterval> | undefined;
     try {
-      await framed.send({ type: "hello", version: PROTOCOL_VERSION, name, interval });
-      const challenge = expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "challenge");
-      const nonce = fromBase64(challenge.nonce)!;
-      const signature = await sign(key, authPayload(nonce, name));
-      await framed.send({ type: "auth", signature: signature.toBase64() });
-      const welcome = expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "welcome");
+      const welcome = await this.#authenticate(framed, false);
       this.#connectedAt = Date.now();
       logger.info("connected to {server} as {name}; serving {services}", {
         server: stream.remote,
@@ -181,6 +177,30 @@ export class Client {
       this.#control = undefined;
       this.#token = undefined;
       for (const idle of this.#idle) idle.close();
+    }
+  }
+
+  /** Says hello, answers the challenge with our key, and returns the server's welcome. */
+  async #authenticate(framed: FramedStream, check: boolean): Promise<Welcome> {
+    const { name, interval, key } = this.#config;
+    await framed.send({ type: "hello", version: PROTOCOL_VERSION, name, interval, check });
+    const challenge = expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "challenge");
+    const nonce = fromBase64(challenge.nonce)!;
+    const signature = await sign(key, authPayload(nonce, name));
+    await framed.send({ type: "auth", signature: signature.toBase64() });
+    return expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "welcome");
+  }
+
+  /**
+   * Connects once, authenticates, and returns the services the server routes to this client,
+   * without serving anything or disturbing a running client of the same name.
+   */
+  async check(): Promise<ServiceInfo[]> {
+    const stream = await this.#connect();
+    try {
+      return (await this.#authenticate(new FramedStream(stream), true)).services;
+    } finally {
+      stream.close();
     }
   }
 

@@ -52,12 +52,17 @@ export interface ServiceInfo {
   target_port: number;
 }
 
-/** Client → server, first frame of a control connection: who I am and how often I beat. */
+/**
+ * Client → server, first frame of a control connection: who I am and how often I beat.
+ * `check` asks only to authenticate and hear the services, without serving anything or
+ * displacing the client's running connection.
+ */
 export interface Hello {
   type: "hello";
   version: number;
   name: string;
   interval: number;
+  check: boolean;
 }
 
 /**
@@ -281,12 +286,14 @@ export function decodeMessage(payload: Uint8Array): Message {
   const type = o.type;
   switch (type) {
     case "hello":
-      expectKeys(o, type, ["version", "name", "interval"]);
+      expectKeys(o, type, ["version", "name", "interval", "check"]);
+      if (typeof o.check !== "boolean") fail(`field "check" must be true or false`);
       return {
         type,
         version: int(o, "version", 0, 0xffff),
         name: name(o),
         interval: int(o, "interval", 1, 3600),
+        check: o.check,
       };
     case "data":
       expectKeys(o, type, ["version", "id", "session"]);

@@ -609,6 +609,18 @@ export class Server {
 
     this.#penalty.succeed(ip);
     authenticated();
+    const services = this.#config.services.filter((s) => s.name === hello.name).map((s) => ({
+      port: s.port,
+      host: s.host,
+      target_port: s.targetPort,
+    }));
+    if (hello.check) {
+      // An admin's `client.ts --check`: tell it the services and leave the live session be.
+      logger.info("client {name} checked in from {remote} (--check)", { name: hello.name, remote });
+      const none = new Uint8Array(SESSION_TOKEN_BYTES).toBase64();
+      await framed.send({ type: "welcome", services, pending: 0, session: none });
+      return framed.stream.close();
+    }
     const session = new Session(hello.name, framed, hello.interval);
     const old = this.#sessions.get(hello.name);
     this.#sessions.set(hello.name, session);
@@ -626,11 +638,7 @@ export class Server {
     const waiting = [...(this.#waiting.get(hello.name) ?? [])];
     await framed.send({
       type: "welcome",
-      services: this.#config.services.filter((s) => s.name === hello.name).map((s) => ({
-        port: s.port,
-        host: s.host,
-        target_port: s.targetPort,
-      })),
+      services,
       pending: waiting.length,
       session: session.token,
     });

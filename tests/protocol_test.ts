@@ -12,7 +12,7 @@ const id = new Uint8Array(16).fill(7).toBase64();
 
 Deno.test("every message survives an encode/decode round trip unchanged", () => {
   const messages: Message[] = [
-    { type: "hello", version: 1, name: "foo bar", interval: 5 },
+    { type: "hello", version: 1, name: "foo bar", interval: 5, check: false },
     { type: "data", version: 1, id, session: id },
     { type: "challenge", nonce: new Uint8Array(32).toBase64() },
     { type: "auth", signature: new Uint8Array(64).toBase64() },
@@ -41,10 +41,10 @@ Deno.test("the decoder rejects malformed frames with a ProtocolError that says w
     [encode({ type: "nope" }), /unknown message type/],
     [encode({ type: "ping", extra: 1 }), /needs fields/],
     [encode({ type: "hello", version: 1, name: "x" }), /needs fields/],
-    [encode({ type: "hello", version: "1", name: "x", interval: 5 }), /"version"/],
-    [encode({ type: "hello", version: 1, name: "", interval: 5 }), /"name"/],
-    [encode({ type: "hello", version: 1, name: "a\nb", interval: 5 }), /control/],
-    [encode({ type: "hello", version: 1, name: "x", interval: 0 }), /"interval"/],
+    [encode({ type: "hello", version: "1", name: "x", interval: 5, check: false }), /"version"/],
+    [encode({ type: "hello", version: 1, name: "", interval: 5, check: false }), /"name"/],
+    [encode({ type: "hello", version: 1, name: "a\nb", interval: 5, check: false }), /control/],
+    [encode({ type: "hello", version: 1, name: "x", interval: 0, check: false }), /"interval"/],
     [encode({ type: "data", version: 1, id: "AAAA", session: id }), /16 bytes/],
     [encode({ type: "data", version: 1, id: id.slice(0, -2) + "=", session: id }), /16 bytes/],
     [encode({ type: "connect", id, host: "h", port: 70000, user: "u" }), /"port"/],
