@@ -3,7 +3,7 @@
  * both sides closed once both directions have ended (or at once on an error).
  * @module
  */
-import type { Stream } from "./transport.ts";
+import { HEADROOM, type Stream } from "./transport.ts";
 
 /** First read buffer of each direction; small, so idle and interactive tunnels stay cheap. */
 export const BRIDGE_BUFFER_MIN = 16 * 1024;
@@ -24,28 +24,33 @@ export interface BridgeResult {
 /**
  * Copies `from` into `to` until end of stream, then half-closes `to`. Reading waits for each
  * write, so a slow reader on one side slows the writer on the other: memory stays bounded by
- * one buffer per direction.
+ * one buffer per direction. Reads land after {@link HEADROOM} free bytes, so a framing `to`
+ * can write its header and the payload in one go.
  */
 async function pump(from: Stream, to: Stream, count: (n: number) => void): Promise<void> {
-  let buf = new Uint8Array(BRIDGE_BUFFER_MIN);
+  let size = BRIDGE_BUFFER_MIN;
+  let buf = new Uint8Array(HEADROOM + size);
   for (;;) {
-    const n = await from.read(buf);
+    const n = await from.read(buf.subarray(HEADROOM));
     if (n === null) break;
-    await to.write(buf.subarray(0, n));
+    if (to.writeWithHeadroom) await to.writeWithHeadroom(buf, n);
+    else await to.write(buf.subarray(HEADROOM, HEADROOM + n));
     count(n);
-    if (n === buf.length && buf.length < BRIDGE_BUFFER_MAX) buf = new Uint8Array(buf.length * 2);
+    if (n === size && size < BRIDGE_BUFFER_MAX) buf = new Uint8Array(HEADROOM + (size *= 2));
   }
   await to.closeWrite();
 }
 
 /**
- * Bridges `a` and `b` until both directions end; always closes both. `result` is updated as
- * bytes flow, so a status page can read a live tunnel's counts.
+ * Bridges `a` and `b` until both directions end, then closes `a`, and `b` too unless `keepB`
+ * and both directions ended cleanly (a reusable data connection). Any error closes both at
+ * once. `result` is updated as bytes flow, so a status page can read a live tunnel's counts.
  */
 export async function bridge(
   a: Stream,
   b: Stream,
   result: BridgeResult = { forward: 0, backward: 0 },
+  keepB = false,
 ): Promise<BridgeResult> {
   const fail = (err: unknown) => {
     result.error ??= err instanceof Error ? err : new Error(String(err));
@@ -57,6 +62,6 @@ export async function bridge(
     pump(b, a, (n) => result.backward += n).catch(fail),
   ]);
   a.close();
-  b.close();
+  if (!keepB || result.error) b.close();
   return result;
 }

@@ -9,6 +9,7 @@ import { bridge } from "./bridge.ts";
 import {
   AUTH_STEP_TIMEOUT_MS,
   authPayload,
+  ChunkStream,
   type Connect,
   FramedStream,
   fromBase64,
@@ -17,6 +18,7 @@ import {
   PROTOCOL_VERSION,
   type ServiceInfo,
   STANDBY_CONNECTIONS,
+  STANDBY_PING_MS,
   type Welcome,
 } from "./protocol.ts";
 import { sign } from "./keys.ts";
@@ -29,6 +31,9 @@ const RETRY_FIRST_MS = 1000;
 
 /** A control connection that lasted this long resets the reconnect delay to the first one. */
 const HEALTHY_MS = 30_000;
+
+/** Idle standby connections kept at most, when tunnels that ended return theirs. */
+const MAX_IDLE_STANDBY = 32;
 
 /** The server refused us; retrying with the same config will not help until it changes. */
 export class RefusedError extends Error {
@@ -260,56 +265,72 @@ export class Client {
       id: request.id,
       session,
     });
-    await this.#bridge(request, server, local.value);
+    // Once the tunnel has ended cleanly, the connection joins the standby pool.
+    if (await this.#bridge(request, server, local.value)) this.#standby(session, control, server);
   }
 
   /**
-   * Keeps one standby data connection open for session `token`. The server hands it the next
-   * user at once, so that user's first byte waits for no round trip and no TLS handshake.
-   * Once used, it is replaced while the session lasts.
+   * Keeps a standby data connection for session `token`, opening one if `stream` is not
+   * given. The server hands it the next user at once, so that user's first byte waits for no
+   * round trip and no TLS handshake. After each tunnel that ends cleanly it goes back to the
+   * pool, which grows with demand up to {@link MAX_IDLE_STANDBY} and shrinks back to
+   * {@link STANDBY_CONNECTIONS} as the server's pings find it idle.
    */
-  async #standby(token: string, control: FramedStream): Promise<void> {
-    let stream: Stream;
-    try {
-      stream = await this.#connect();
-    } catch (err) {
-      logger.debug("standby connection failed: {error}", { error: (err as Error).message });
-      return;
+  async #standby(token: string, control: FramedStream, stream?: Stream): Promise<void> {
+    if (!stream) {
+      try {
+        stream = await this.#connect();
+      } catch (err) {
+        logger.debug("standby connection failed: {error}", { error: (err as Error).message });
+        return;
+      }
     }
-    if (this.#token !== token) return stream.close();
-    this.#idle.add(stream);
-    let request: Message | null = null;
-    try {
-      const framed = new FramedStream(stream);
-      await framed.send({ type: "standby", version: PROTOCOL_VERSION, session: token });
-      request = await framed.read(Infinity); // until a user comes or the session closes it
-    } catch {
-      // Closed with its session, or by the server: nothing to serve.
-    } finally {
-      this.#idle.delete(stream);
-    }
-    if (request?.type !== "connect") return stream.close();
-    if (this.#token === token) this.#standby(token, control);
-    const connect = request;
-    this.#track(
-      connect,
-      this.#connectLocal(connect, control).then(
+    const framed = new FramedStream(stream);
+    for (;;) {
+      if (this.#token !== token || this.#idle.size >= MAX_IDLE_STANDBY) return stream.close();
+      let request: Connect | undefined;
+      this.#idle.add(stream);
+      try {
+        await framed.send({ type: "standby", version: PROTOCOL_VERSION, session: token });
+        while (!request) {
+          const message = await framed.read(HEARTBEAT_MISSES * STANDBY_PING_MS);
+          if (message === null) break;
+          if (message.type === "connect") request = message;
+          else if (message.type !== "ping") throw new Error(`unexpected "${message.type}"`);
+          else if (this.#idle.size > STANDBY_CONNECTIONS) break; // demand has passed
+        }
+      } catch {
+        // Closed with its session, silent too long, or broken: nothing to serve.
+      } finally {
+        this.#idle.delete(stream);
+      }
+      if (!request) return stream.close();
+      if (this.#token === token && this.#idle.size < STANDBY_CONNECTIONS) {
+        this.#standby(token, control);
+      }
+      const connect = request;
+      const served = this.#connectLocal(connect, control).then(
         (local) => this.#bridge(connect, stream, local),
         (err) => {
           stream.close();
           throw err;
         },
-      ),
-    );
+      );
+      this.#track(connect, served.then(() => {}));
+      if (!await served.catch(() => false)) return;
+    }
   }
 
-  /** Bridges the server's side of a tunnel with the local service and logs the tunnel. */
-  async #bridge(request: Connect, server: Stream, local: Stream): Promise<void> {
+  /**
+   * Bridges the server's side of a tunnel (in tunnel mode) with the local service and logs
+   * the tunnel. Returns whether it ended cleanly, leaving `server` open for the next one.
+   */
+  async #bridge(request: Connect, server: Stream, local: Stream): Promise<boolean> {
     const target = `${request.host}:${request.port}`;
     this.#streams.add(local).add(server);
     const started = performance.now();
     logger.info("tunnel open: user {user} → {target}", { user: request.user, target });
-    const result = await bridge(server, local);
+    const result = await bridge(local, new ChunkStream(server), undefined, true);
     this.#streams.delete(local);
     this.#streams.delete(server);
     logger.info(
@@ -318,12 +339,13 @@ export class Client {
       {
         user: request.user,
         target,
-        up: result.forward,
-        down: result.backward,
+        up: result.backward,
+        down: result.forward,
         ms: Math.round(performance.now() - started),
         error: result.error?.message,
       },
     );
+    return !result.error;
   }
 }
 

@@ -7,7 +7,7 @@
  * invalid UTF-8. See docs/protocol.md.
  * @module
  */
-import type { Stream } from "./transport.ts";
+import { HEADROOM, type Stream } from "./transport.ts";
 
 /** Protocol version spoken by this build; sent in every hello. */
 export const PROTOCOL_VERSION = 1;
@@ -34,7 +34,16 @@ export const SESSION_TOKEN_BYTES = 16;
 export const STANDBY_CONNECTIONS = 4;
 
 /** Standby data connections the server holds per client at most; more are closed. */
-export const MAX_STANDBY_PER_CLIENT = 8;
+export const MAX_STANDBY_PER_CLIENT = 64;
+
+/**
+ * The server pings each idle standby connection this often; a client that hears nothing on
+ * one for {@link HEARTBEAT_MISSES} periods replaces it. Rare, to keep idle traffic low.
+ */
+export const STANDBY_PING_MS = 60_000;
+
+/** Largest chunk of tunnel bytes in one data-connection frame. */
+export const MAX_CHUNK_BYTES = 1024 * 1024;
 
 /** Longest client name accepted, in UTF-8 bytes. */
 export const MAX_NAME_BYTES = 255;
@@ -423,5 +432,70 @@ export class FramedStream {
     const next = this.#writing.then(() => this.stream.write(frame));
     this.#writing = next.catch(() => {});
     return next;
+  }
+}
+
+/**
+ * A data connection in tunnel mode, as a {@link Stream}: every write becomes a chunk (4-byte
+ * big-endian length, then the bytes) and a zero-length chunk is end of stream, so a tunnel can
+ * end in both directions and leave the connection usable for the next one. Any error or
+ * abort closes the connection instead.
+ */
+export class ChunkStream implements Stream {
+  readonly remote: string;
+  readonly remoteIp: string;
+  #inner: Stream;
+  #header = new Uint8Array(4);
+  /** Bytes of the current incoming chunk not read yet. */
+  #remaining = 0;
+  #ended = false;
+
+  constructor(inner: Stream) {
+    this.#inner = inner;
+    this.remote = inner.remote;
+    this.remoteIp = inner.remoteIp;
+  }
+
+  async read(p: Uint8Array): Promise<number | null> {
+    if (this.#ended) return null;
+    while (this.#remaining === 0) {
+      if (!await readExact(this.#inner, this.#header)) fail("connection ended inside a tunnel");
+      const length = new DataView(this.#header.buffer).getUint32(0);
+      if (length === 0) {
+        this.#ended = true;
+        return null;
+      }
+      if (length > MAX_CHUNK_BYTES) fail(`chunk of ${length} bytes exceeds ${MAX_CHUNK_BYTES}`);
+      this.#remaining = length;
+    }
+    const n = await this.#inner.read(p.subarray(0, Math.min(p.length, this.#remaining)));
+    if (n === null) fail("connection ended inside a chunk");
+    this.#remaining -= n;
+    return n;
+  }
+
+  async write(chunk: Uint8Array): Promise<void> {
+    for (let at = 0; at < chunk.length; at += MAX_CHUNK_BYTES) {
+      const part = chunk.subarray(at, at + MAX_CHUNK_BYTES);
+      const framed = new Uint8Array(HEADROOM + part.length);
+      framed.set(part, HEADROOM);
+      await this.writeWithHeadroom(framed, part.length);
+    }
+  }
+
+  writeWithHeadroom(buf: Uint8Array, n: number): Promise<void> {
+    if (n === 0) return Promise.resolve(); // a zero-length chunk would mean end of stream
+    if (n > MAX_CHUNK_BYTES) return this.write(buf.subarray(HEADROOM, HEADROOM + n));
+    new DataView(buf.buffer, buf.byteOffset, HEADROOM).setUint32(0, n);
+    return this.#inner.write(buf.subarray(0, HEADROOM + n));
+  }
+
+  /** Sends end of stream; the connection stays open for the other direction. */
+  closeWrite(): Promise<void> {
+    return this.#inner.write(new Uint8Array(4));
+  }
+
+  close(): void {
+    this.#inner.close();
   }
 }

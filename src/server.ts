@@ -10,6 +10,7 @@ import { VERSION } from "./version.ts";
 import {
   AUTH_STEP_TIMEOUT_MS,
   authPayload,
+  ChunkStream,
   type DataHello,
   FramedStream,
   fromBase64,
@@ -19,6 +20,7 @@ import {
   NONCE_BYTES,
   PROTOCOL_VERSION,
   SESSION_TOKEN_BYTES,
+  STANDBY_PING_MS,
   TUNNEL_ID_BYTES,
 } from "./protocol.ts";
 import { verify } from "./keys.ts";
@@ -98,6 +100,7 @@ interface ServiceTotals {
 /** One authenticated control connection, and the standby connections opened under it. */
 class Session {
   #heartbeat: ReturnType<typeof setInterval> | undefined;
+  #standbyPing: ReturnType<typeof setInterval> | undefined;
   closed = false;
   /** Presented by this client's standby connections. */
   readonly token = crypto.getRandomValues(new Uint8Array(SESSION_TOKEN_BYTES)).toBase64();
@@ -121,6 +124,17 @@ class Session {
     this.#heartbeat = setInterval(() => {
       this.framed.send({ type: "ping" }).catch(() => this.close());
     }, this.interval * 1000);
+    // Idle standby connections hear from us now and then, so the client can tell a live one
+    // from one a NAT box forgot; a write that fails drops it here.
+    this.#standbyPing = setInterval(() => {
+      for (const stream of [...this.standby]) {
+        new FramedStream(stream).send({ type: "ping" }).catch(() => {
+          const at = this.standby.indexOf(stream);
+          if (at >= 0) this.standby.splice(at, 1);
+          stream.close();
+        });
+      }
+    }, STANDBY_PING_MS);
   }
 
   /** Tells the client why (best effort, bounded by the socket) and closes. */
@@ -132,6 +146,7 @@ class Session {
   close(): void {
     this.closed = true;
     clearInterval(this.#heartbeat);
+    clearInterval(this.#standbyPing);
     this.framed.stream.close();
     for (const stream of this.standby.splice(0)) stream.close();
   }
@@ -724,7 +739,7 @@ export class Server {
       target: `${service.host}:${service.targetPort}`,
     });
     this.#tunnels.set(info, { user, data, counts });
-    const result = await bridge(user, data, counts);
+    const result = await bridge(user, new ChunkStream(data), counts, true);
     this.#tunnels.delete(info);
     if (this.#tunnels.size === 0) this.#onDrained?.();
     const totals = this.#totalsOf(service.port);
@@ -744,6 +759,22 @@ export class Server {
         error: result.error?.message,
       },
     );
+    if (!result.error) await this.#recycle(data);
+  }
+
+  /** After a clean tunnel the client offers the data connection back as a standby one. */
+  async #recycle(data: Stream): Promise<void> {
+    try {
+      const next = await new FramedStream(data).read(AUTH_STEP_TIMEOUT_MS);
+      if (next?.type === "standby") return this.#park(data, next.session);
+      if (next !== null) throw new Error(`expected "standby", got "${next.type}"`);
+    } catch (err) {
+      logger.debug("data connection from {remote} not reused: {error}", {
+        remote: data.remote,
+        error: (err as Error).message,
+      });
+    }
+    data.close();
   }
 }
 

@@ -22,11 +22,20 @@ export interface Stream {
   read(p: Uint8Array): Promise<number | null>;
   /** Writes all of `chunk`; resolves once the stream no longer needs it. */
   write(chunk: Uint8Array): Promise<void>;
+  /**
+   * Like `write(buf.subarray(HEADROOM, HEADROOM + n))`, for a caller that left the first
+   * {@link HEADROOM} bytes of `buf` free: a framing stream puts its header there and writes
+   * header and payload at once, without a copy.
+   */
+  writeWithHeadroom?(buf: Uint8Array, n: number): Promise<void>;
   /** Ends our direction (FIN, or TLS close_notify) while the other keeps flowing. */
   closeWrite(): Promise<void>;
   /** Closes both directions at once. Safe to call more than once. */
   close(): void;
 }
+
+/** Bytes a writer leaves free before its payload for {@link Stream.writeWithHeadroom}. */
+export const HEADROOM = 4;
 
 /** Longest wait for a TCP connect plus TLS handshake, either side. */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
