@@ -8,8 +8,11 @@ import { HEADROOM, type Stream } from "./transport.ts";
 /** First read buffer of each direction; small, so idle and interactive tunnels stay cheap. */
 export const BRIDGE_BUFFER_MIN = 16 * 1024;
 
-/** Largest read buffer; a direction that fills its buffer doubles it up to this size. */
+/** Largest read buffer; a direction that keeps filling its buffer doubles it up to this. */
 export const BRIDGE_BUFFER_MAX = 256 * 1024;
+
+/** Full reads in a row that make a direction bulk, worth a bigger buffer. */
+const FULL_READS_TO_GROW = 4;
 
 /** What a finished bridge carried. */
 export interface BridgeResult {
@@ -30,13 +33,19 @@ export interface BridgeResult {
 async function pump(from: Stream, to: Stream, count: (n: number) => void): Promise<void> {
   let size = BRIDGE_BUFFER_MIN;
   let buf = new Uint8Array(HEADROOM + size);
+  let full = 0;
   for (;;) {
     const n = await from.read(buf.subarray(HEADROOM));
     if (n === null) break;
     if (to.writeWithHeadroom) await to.writeWithHeadroom(buf, n);
     else await to.write(buf.subarray(HEADROOM, HEADROOM + n));
     count(n);
-    if (n === size && size < BRIDGE_BUFFER_MAX) buf = new Uint8Array(HEADROOM + (size *= 2));
+    // Only a sustained stream earns a bigger buffer: short exchanges stay small and cheap.
+    full = n === size ? full + 1 : 0;
+    if (full >= FULL_READS_TO_GROW && size < BRIDGE_BUFFER_MAX) {
+      buf = new Uint8Array(HEADROOM + (size *= 2));
+      full = 0;
+    }
   }
   await to.closeWrite();
 }
