@@ -52,7 +52,10 @@ const status = statusConfig
   })
   : undefined;
 if (statusConfig && status) {
-  log("status").info("status page on {url}", { url: statusUrl(statusConfig.host, status.port) });
+  // The URL goes in the text itself (unquoted, ready to click); the host has bound, so it
+  // holds no "{" that LogTape would read as a placeholder.
+  const url = statusUrl(statusConfig.host, status.port);
+  log("status").info(`status page on ${url}`, { url });
 }
 let grace = config.shutdownGrace;
 

@@ -19,8 +19,11 @@ export class MigrateError extends Error {
 
 /** A place in the source: 1-based line and column (in characters), and the 0-based offset. */
 export interface Pos {
+  /** Line, from 1. */
   line: number;
+  /** Column in characters, from 1. */
   column: number;
+  /** Offset in UTF-16 code units, from 0. */
   offset: number;
 }
 
@@ -35,9 +38,13 @@ export type PyValue =
 
 /** One `key = value` line of a parsed file; `text` is its source, as written. */
 export interface Assignment {
+  /** The key assigned to. */
   name: string;
+  /** Its value. */
   value: PyValue;
+  /** Where the key starts. */
   pos: Pos;
+  /** The assignment's source text, comments on its last line included. */
   text: string;
 }
 
@@ -50,40 +57,12 @@ type Token =
   | { kind: "eof"; pos: Pos };
 
 const OPENERS: Record<string, string> = { "(": ")", "[": "]", "{": "}" };
-const KEYWORDS = new Set([
-  "and",
-  "as",
-  "assert",
-  "async",
-  "await",
-  "break",
-  "class",
-  "continue",
-  "def",
-  "del",
-  "elif",
-  "else",
-  "except",
-  "finally",
-  "for",
-  "from",
-  "global",
-  "if",
-  "import",
-  "in",
-  "is",
-  "lambda",
-  "nonlocal",
-  "not",
-  "or",
-  "pass",
-  "raise",
-  "return",
-  "try",
-  "while",
-  "with",
-  "yield",
-]);
+/** Python's keywords: a line starting with one is a statement, never an assignment. */
+const KEYWORDS = new Set(
+  ("and as assert async await break class continue def del elif else except finally for from " +
+    "global if import in is lambda nonlocal not or pass raise return try while with yield")
+    .split(" "),
+);
 const SIMPLE_ESCAPES: Record<string, string> = {
   "\\": "\\",
   "'": "'",
@@ -107,7 +86,7 @@ class Tokenizer {
   #atLineStart = true;
 
   constructor(readonly text: string, readonly file: string) {
-    if (text.startsWith("\uFEFF")) this.#i = 1;
+    if (text.startsWith("\uFEFF")) this.#i = this.#lineStart = 1;
   }
 
   get pos(): Pos {
@@ -164,7 +143,8 @@ class Tokenizer {
         if (open) {
           this.fail(
             this.pos,
-            `unexpected end of file: "${open.char}" opened at ${open.pos.line}:${open.pos.column} is never closed`,
+            `unexpected end of file: "${open.char}" opened at ` +
+              `${open.pos.line}:${open.pos.column} is never closed`,
           );
         }
         return { kind: "eof", pos: this.pos };
@@ -184,7 +164,9 @@ class Tokenizer {
     const word = /^[\p{L}\p{Nl}_][\p{L}\p{Nl}\p{Mn}\p{Mc}\p{Nd}\p{Pc}]*/u.exec(t.slice(this.#i));
     if (word) {
       const quote = t[this.#i + word[0].length];
-      if ((quote === "'" || quote === '"') && /^(?:[rRuUbBfF]|[rR][bBfF]|[bBfF][rR])$/.test(word[0])) {
+      if (
+        (quote === "'" || quote === '"') && /^(?:[rRuUbBfF]|[rR][bBfF]|[bBfF][rR])$/.test(word[0])
+      ) {
         const prefix = word[0].toLowerCase();
         if (prefix.includes("b")) this.fail(pos, "bytes literals (b'...') are not supported");
         if (prefix.includes("f")) {
@@ -284,7 +266,9 @@ class Tokenizer {
           this.fail(escapePos, `invalid \\${e} escape: expected ${n} hexadecimal digits`);
         }
         const code = parseInt(hex, 16);
-        if (code > 0x10ffff) this.fail(escapePos, `\\${e}${hex} is beyond the last Unicode character`);
+        if (code > 0x10ffff) {
+          this.fail(escapePos, `\\${e}${hex} is beyond the last Unicode character`);
+        }
         value += String.fromCodePoint(code);
         this.#i += n;
       } else if (e === "N") {
@@ -364,7 +348,8 @@ class Parser {
       if (earlier) {
         this.fail(
           assignment.pos,
-          `${assignment.name} is assigned a second time (first at ${earlier.line}:${earlier.column}); keep one`,
+          `${assignment.name} is assigned a second time ` +
+            `(first at ${earlier.line}:${earlier.column}); keep one`,
         );
       }
       seen.set(assignment.name, assignment.pos);
@@ -418,15 +403,25 @@ class Parser {
     switch (tok.kind) {
       case "number":
         return this.#number(tok.text, tok.pos, 1);
-      case "string":
-        return { type: "str", value: tok.value, pos: tok.pos };
+      case "string": {
+        // Adjacent literals are one string, as in Python: 'a' "b" is "ab".
+        let value = tok.value;
+        for (let next = this.#tok; next.kind === "string"; next = this.#tok) {
+          value += next.value;
+          this.#advance();
+        }
+        return { type: "str", value, pos: tok.pos };
+      }
       case "name":
         return this.#name(tok);
       case "op":
         if (tok.text === "-" || tok.text === "+") {
           const num = this.#advance();
           if (num.kind !== "number") {
-            this.fail(num.pos, `expected a number after "${tok.text}", found ${describeToken(num)}`);
+            this.fail(
+              num.pos,
+              `expected a number after "${tok.text}", found ${describeToken(num)}`,
+            );
           }
           return this.#number(num.text, tok.pos, tok.text === "-" ? -1 : 1);
         }
@@ -476,7 +471,8 @@ class Parser {
     }
     this.fail(
       tok.pos,
-      `unknown name ${dotted}: expected ${VALUE_KINDS}; names are not looked up, nothing is evaluated`,
+      `unknown name ${dotted}: expected ${VALUE_KINDS}; names are not looked up, ` +
+        "nothing is evaluated",
     );
   }
 
@@ -572,19 +568,21 @@ const SERVER_KEYS = [
   "control_server_certificate",
   "control_client_ca",
 ];
-const CONTROL_REASON =
-  "The original's control port took WAITFOR commands from an administrator to open a " +
-  "service at run time. NATadm has no control port: every service is listed in [services].";
+const CONTROL_ONLY =
+  "Only the original's control port (control_port, for WAITFOR commands) used it; NATadm has " +
+  "no control port.";
 /** Why each original key that has no meaning here is dropped. */
 const DROPPED: Record<string, string> = {
-  control_port: CONTROL_REASON,
-  control_server_certificate: CONTROL_REASON + " Its certificate is not needed.",
-  control_client_ca: CONTROL_REASON +
-    " Its administrator CA is not needed: who may connect to a service is up to the service.",
+  control_port: "The original's control port took WAITFOR commands from an administrator to " +
+    "open a service at run time. NATadm has no control port: every service is listed in " +
+    "[services], and each user connects straight to its port.",
+  control_server_certificate: CONTROL_ONLY,
+  control_client_ca: CONTROL_ONLY,
 };
 
 /** The result of {@link migrateConfig}. */
 export interface Migration {
+  /** Which config the original file was, told by its keys. */
   kind: "client" | "server";
   /** The TOML text, with comments for dropped keys and for what the admin must add. */
   toml: string;
@@ -702,9 +700,7 @@ export function migrateConfig(text: string, file: string): Migration {
         `keys (${CLIENT_KEYS.join(", ")}) or server keys (${SERVER_KEYS.join(", ")})`,
     );
   }
-  return client.length
-    ? migrateClient(assignments, file)
-    : migrateServer(assignments, file);
+  return client.length ? migrateClient(assignments, file) : migrateServer(assignments, file);
 }
 
 function header(file: string, kind: string): string[] {
@@ -750,11 +746,13 @@ function droppedLines(
 }
 
 function migrateClient(assignments: Assignment[], file: string): Migration {
-  const check = new Checker(file);
+  const check: Checker = new Checker(file);
   const get = (key: string) => assignments.find((a) => a.name === key);
   const required = (key: string) => {
     const a = get(key);
-    if (!a) throw new MigrateError(`${file}: client config has no ${key}; the original needs it too`);
+    if (!a) {
+      throw new MigrateError(`${file}: client config has no ${key}; the original needs it too`);
+    }
     return a.value;
   };
   const nameValue = required("name");
@@ -793,7 +791,8 @@ function migrateClient(assignments: Assignment[], file: string): Migration {
   const dropped: Migration["dropped"] = [];
   lines.push(...droppedLines(assignments, CLIENT_KEYS, "client", dropped));
   const todo = [
-    `Make this client's key, on the client machine, next to this file: deno task keygen --out client.key.pem`,
+    "Make this client's key, on the client machine, next to this file: " +
+    "deno task keygen --out client.key.pem",
     `In this file, uncomment the line key = "client.key.pem" (the path is relative to this file).`,
     `In the server's config, add [clients.${tomlKey(name)}] with the key = "..." line that ` +
     `keygen printed.`,
@@ -807,20 +806,23 @@ function migrateClient(assignments: Assignment[], file: string): Migration {
     ),
     "#   deno task keygen --out client.key.pem",
     ...comment(
-      `then uncomment the line below, and put the \`key = "..."\` line keygen prints into the ` +
-        `server's config, under [clients.${tomlKey(name)}].`,
+      'then uncomment the key line at the end, and put the `key = "..."` line keygen prints ' +
+        "into the server's config, in this client's table:",
     ),
+    `#   [clients.${tomlKey(name)}]`,
     `# key = "client.key.pem"`,
   );
   return { kind: "client", toml: lines.join("\n") + "\n", todo, dropped };
 }
 
 function migrateServer(assignments: Assignment[], file: string): Migration {
-  const check = new Checker(file);
+  const check: Checker = new Checker(file);
   const get = (key: string) => assignments.find((a) => a.name === key);
   const required = (key: string) => {
     const a = get(key);
-    if (!a) throw new MigrateError(`${file}: server config has no ${key}; the original needs it too`);
+    if (!a) {
+      throw new MigrateError(`${file}: server config has no ${key}; the original needs it too`);
+    }
     return a.value;
   };
   const communicationPort = check.port(required("communication_port"), "communication_port");
@@ -837,7 +839,11 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
   if (servicesAssignment) {
     const v = servicesAssignment.value;
     if (v.type !== "dict") {
-      check.fail(v, "services", `expected a dict {port: {'name': ..., 'port': ...}}, found ${describeValue(v)}`);
+      check.fail(
+        v,
+        "services",
+        `expected a dict {port: {'name': ..., 'port': ...}}, found ${describeValue(v)}`,
+      );
     }
     for (const { key: portKey, value: entry } of v.entries) {
       const port = check.port(portKey, "services");
@@ -846,7 +852,11 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
         check.fail(portKey, at, `port ${port} is also communication_port; pick another`);
       }
       if (entry.type !== "dict") {
-        check.fail(entry, at, `expected a dict {'name': ..., 'port': ...}, found ${describeValue(entry)}`);
+        check.fail(
+          entry,
+          at,
+          `expected a dict {'name': ..., 'port': ...}, found ${describeValue(entry)}`,
+        );
       }
       let name: string | undefined;
       let nameField: PyValue | undefined;
@@ -860,7 +870,9 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
           nameField = field.value;
           name = check.str(field.value, `${at}['${fieldName}']`, "a client name (a string)");
           const problem = checkName(name);
-          if (problem) check.fail(field.value, `${at}['${fieldName}']`, `the client name ${problem}`);
+          if (problem) {
+            check.fail(field.value, `${at}['${fieldName}']`, `the client name ${problem}`);
+          }
         } else if (fieldName === "port") {
           target = check.port(field.value, `${at}['port']`);
         } else {
@@ -871,8 +883,12 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
           );
         }
       }
-      if (name === undefined) check.fail(entry, at, "has no 'name' (or 'client'): which client serves it?");
-      if (target === undefined) check.fail(entry, at, "has no 'port': the port on the client machine");
+      if (name === undefined) {
+        check.fail(entry, at, "has no 'name' (or 'client'): which client serves it?");
+      }
+      if (target === undefined) {
+        check.fail(entry, at, "has no 'port': the port on the client machine");
+      }
       services.push({ port, name, target });
     }
   }
@@ -887,12 +903,17 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
   ];
   const dropped: Migration["dropped"] = [];
   lines.push(...droppedLines(assignments, SERVER_KEYS.slice(0, 3), "server", dropped));
-  const todo = [
-    ...clientNames.map((n) =>
-      `On client ${JSON.stringify(n)}: deno task keygen --out client.key.pem; then paste the ` +
-      `key = "..." line it prints under [clients.${tomlKey(n)}] in this file.`
-    ),
-  ];
+  const todo = clientNames.length === 0
+    ? [
+      `Add a [clients."NAME"] table with each client's key, and a [services.PORT] table ` +
+      "for each service.",
+    ]
+    : [
+      ...clientNames.map((n) =>
+        `On client ${JSON.stringify(n)}: deno task keygen --out client.key.pem; then paste the ` +
+        `key = "..." line it prints under [clients.${tomlKey(n)}] in this file.`
+      ),
+    ];
   lines.push("");
   if (clientNames.length) {
     lines.push(
@@ -910,11 +931,11 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
       lines.push(
         "",
         `[clients.${tomlKey(n)}]`,
-        `# key = "PASTE the line \`deno task keygen\` printed on ${n.replace(/[\r\n]/g, " ")}"`,
+        `# key = "PASTE the line \`deno task keygen\` printed on ${n}"`,
       );
     }
   } else {
-    lines.push("# No services, so no clients: add [clients.\"NAME\"] and [services.PORT] tables.");
+    lines.push('# No services, so no clients: add [clients."NAME"] and [services.PORT] tables.');
   }
   for (const s of services) {
     lines.push("", `[services.${s.port}]`, `name = ${tomlString(s.name)}`, `port = ${s.target}`);

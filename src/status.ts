@@ -14,7 +14,7 @@ import { log } from "./log.ts";
 
 const logger = log("status");
 
-/** Where the status server listens, and the token it requires (none: open to whoever reaches it). */
+/** Where the status server listens, and the token it requires (none: open to all who reach it). */
 export interface StatusOptions {
   /** Address to listen on; default 127.0.0.1. */
   host?: string;
@@ -34,51 +34,77 @@ export interface StatusServer {
 
 /** One client in `/status.json`. Times are ISO 8601 strings, or null when not connected. */
 export interface ClientStatus {
+  /** Its name, as in the server's `[clients]` table. */
   name: string;
+  /** Whether it has an authenticated control connection now. */
   connected: boolean;
+  /** The address its control connection comes from. */
   remote: string | null;
+  /** When its current control connection was authenticated. */
   connected_since: string | null;
+  /** When the server last heard from it (any frame, heartbeats included). */
   last_heartbeat: string | null;
+  /** The protocol version it speaks. */
   protocol_version: number | null;
   /** Idle data connections the client keeps ready for the next user. */
   standby: number;
 }
 
-/** One service in `/status.json`. */
+/** One service in `/status.json`; up is user → service, down is service → user. */
 export interface ServiceStatus {
+  /** Its public port on the server. */
   port: number;
+  /** The client that serves it. */
   client: string;
   /** `host:port` the client connects to on its side. */
   target: string;
+  /** Tunnels open now. */
   live_tunnels: number;
+  /** Users waiting for the client. */
   waiting_users: number;
+  /** Tunnels opened since the server started, live ones included. */
   tunnels_total: number;
+  /** Bytes relayed up since the server started. */
   bytes_up: number;
+  /** Bytes relayed down since the server started. */
   bytes_down: number;
 }
 
 /** One live tunnel in `/status.json`; up is user → service, down is service → user. */
 export interface TunnelStatus {
+  /** Sequence number, unique for the server's lifetime. */
   id: number;
+  /** Public port of its service. */
   service: number;
+  /** The client serving it. */
   client: string;
+  /** The user's address. */
   user: string;
+  /** When it opened (ISO 8601). */
   started: string;
+  /** Bytes relayed up so far. */
   bytes_up: number;
+  /** Bytes relayed down so far. */
   bytes_down: number;
 }
 
 /** The document served at `/status.json`. */
 export interface StatusDocument {
+  /** NATadm's version. */
   version: string;
   /** When the server started (ISO 8601). */
   started: string;
   /** When this document was made (ISO 8601), for ages that do not depend on the reader's clock. */
   now: string;
+  /** Seconds since the server started. */
   uptime_seconds: number;
+  /** Client connections refused for an unknown name or a wrong key, since start. */
   auth_failures: number;
+  /** Every configured client. */
   clients: ClientStatus[];
+  /** Every configured service. */
   services: ServiceStatus[];
+  /** Every live tunnel. */
   tunnels: TunnelStatus[];
 }
 
@@ -248,7 +274,7 @@ function reply(status: number, body: string, type: string, extra: HeadersInit = 
 
 const TEXT = "text/plain; charset=utf-8";
 
-/** Handles one request to the status server (exported for the server and its tests). */
+/** Answers one request to the status server: token check, then the endpoint. */
 export async function handleStatusRequest(
   server: Pick<Server, "snapshot">,
   token: string | undefined,
@@ -316,6 +342,13 @@ export function startStatusServer(server: Server, options: StatusOptions): Promi
       ),
     );
   }
+  if (!options.token && !["127.0.0.1", "::1", "localhost"].includes(host)) {
+    logger.warn(
+      "status page on {host} has no status_token: anyone who can reach the port sees every " +
+        "client and user address",
+      { host },
+    );
+  }
   return Promise.resolve({
     port: http.addr.port,
     close: () => http.shutdown(),
@@ -356,7 +389,8 @@ body {
   margin: 0; background: var(--bg); color: var(--fg);
   font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 }
-header { padding: 16px 20px 8px; display: flex; flex-wrap: wrap; align-items: baseline; gap: 4px 16px; }
+header { padding: 16px 20px 8px; display: flex; flex-wrap: wrap; align-items: baseline;
+  gap: 4px 16px; }
 h1 { font-size: 20px; margin: 0; }
 h2 { font-size: 16px; margin: 24px 0 8px; }
 main { padding: 0 20px 24px; max-width: 1200px; }
@@ -364,16 +398,19 @@ main { padding: 0 20px 24px; max-width: 1200px; }
 #state { font-size: 13px; }
 #state.err { color: var(--off); font-weight: 600; }
 .tiles { display: grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap: 10px; }
-.tile { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 10px 14px; }
+.tile { background: var(--card); border: 1px solid var(--line); border-radius: 10px;
+  padding: 10px 14px; }
 .tile b { display: block; font-size: 24px; font-variant-numeric: tabular-nums; }
 .tile span { color: var(--muted); font-size: 13px; }
 table { width: 100%; border-collapse: collapse; background: var(--card);
   border: 1px solid var(--line); border-radius: 10px; overflow: hidden; }
-th, td { text-align: left; padding: 8px 12px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th, td { text-align: left; padding: 8px 12px; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
 th { font-size: 12px; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); }
 tr:last-child td { border-bottom: 0; }
 td.num { font-variant-numeric: tabular-nums; }
-code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
+code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+  overflow-wrap: anywhere; }
 .dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 6px; }
 .on { color: var(--ok); } .on .dot { background: var(--ok); }
 .off { color: var(--off); } .off .dot { background: var(--off); }
@@ -398,7 +435,9 @@ code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; over
   <span id="state" class="muted">loading…</span>
 </header>
 <main>
-  <noscript><p class="empty">This page needs JavaScript; the same data is at /status.json.</p></noscript>
+  <noscript>
+    <p class="empty">This page needs JavaScript; the same data is at /status.json.</p>
+  </noscript>
   <section class="tiles" id="tiles"></section>
   <h2>Clients</h2><div id="clients"></div>
   <h2>Services</h2><div id="services"></div>
