@@ -79,6 +79,7 @@ await Deno.writeTextFile(
 communication_port = ${ports.communication}
 communication_server_certificate = ["${CERT_FILES.cert}", "${CERT_FILES.key}"]
 listen_host = "127.0.0.1"
+shutdown_grace = 2
 
 [clients."demo machine"]
 key = "${clientKey.publicKey}"
@@ -101,6 +102,7 @@ remote = ["localhost", ${ports.communication}]
 cafile = "${CERT_FILES.caCert}"
 key = "client.key.pem"
 interval = 5
+shutdown_grace = 2
 `,
 );
 
@@ -149,11 +151,15 @@ try {
   client = spawn("client.ts", clientToml);
   client.status.then((s) => !stopping && (console.error("demo: the client exited", s), stop(1)));
   await Promise.race([follow(client, "[client]", /connected to .* as/), timeout]);
-  // Prove the tunnel before telling anyone to use it.
+  // Prove the tunnel before telling anyone to use it. Our own HTTP client, closed after, so no
+  // idle keep-alive tunnel is left for Ctrl-C to wait on.
+  const http = Deno.createHttpClient({});
   const response = await fetch(`http://127.0.0.1:${ports.web}/check`, {
+    client: http,
     signal: AbortSignal.timeout(10_000),
   });
   const body = await response.text();
+  http.close();
   if (!body.includes("behind NAT")) throw new Error(`unexpected reply through the tunnel: ${body}`);
 } catch (err) {
   console.error(`demo: ${(err as Error).message}`);

@@ -35,10 +35,18 @@ const HEALTHY_MS = 30_000;
 /** Idle standby connections kept at most, when tunnels that ended return theirs. */
 const MAX_IDLE_STANDBY = 32;
 
-/** The server refused us; retrying with the same config will not help until it changes. */
+/** The server refused us, or dropped us for a newer client of the same name. */
 export class RefusedError extends Error {
   override name = "RefusedError";
+
+  /** @param retry false when another live client took this name over: do not fight it. */
+  constructor(message: string, readonly retry = true) {
+    super(message);
+  }
 }
+
+/** Exit code of a client that stepped back because another took over its name. */
+export const EXIT_REPLACED = 3;
 
 /** A running NATadm client. */
 export class Client {
@@ -83,6 +91,17 @@ export class Client {
         problem = err;
       }
       if (this.#stopping) break;
+      if (problem instanceof RefusedError && !problem.retry) {
+        // Two live machines share this name. Taking it back would push the other one out,
+        // and both would swap places for ever: step back and let the admin sort it out.
+        logger.error(
+          "{error}; another client with this name is running, so this one stops " +
+            "(give each machine its own name and key)",
+          { error: describeError(problem, remoteHost, remotePort) },
+        );
+        await this.#drain();
+        return EXIT_REPLACED;
+      }
       const healthy = this.#connectedAt !== undefined &&
         Date.now() - this.#connectedAt >= HEALTHY_MS;
       failures = healthy ? 0 : failures + 1;
@@ -168,7 +187,7 @@ export class Client {
         const message = await framed.read(HEARTBEAT_MISSES * interval * 1000);
         if (message === null) throw new Error("server closed the control connection");
         if (message.type === "ping") continue;
-        if (message.type === "refused") throw new RefusedError(message.reason);
+        if (message.type === "refused") throw new RefusedError(message.reason, message.retry);
         if (message.type !== "connect") {
           throw new Error(`unexpected "${message.type}" on the control connection`);
         }
@@ -366,7 +385,7 @@ function expect<T extends Message["type"]>(
   message: Message | null,
   type: T,
 ): Extract<Message, { type: T }> {
-  if (message?.type === "refused") throw new RefusedError(message.reason);
+  if (message?.type === "refused") throw new RefusedError(message.reason, message.retry);
   if (message === null) throw new Error(`server closed the connection before "${type}"`);
   if (message.type !== type) throw new Error(`expected "${type}", got "${message.type}"`);
   return message as Extract<Message, { type: T }>;
@@ -382,22 +401,26 @@ export function describeError(err: unknown, host: string, port: number): string 
   const where = `${host}:${port}`;
   const message = err instanceof Error ? err.message : String(err);
   if (err instanceof RefusedError) return `server ${where} refused this client: ${message}`;
+  // Certificate problems first: rustls's texts mention "DnsName", which is no DNS failure.
   if (/UnknownIssuer|unknown ca|BadSignature/i.test(message)) {
     return `server ${where} presented a certificate not signed by cafile (${message})`;
   }
-  if (/NotValidForName|CertNotValidForName|hostname/i.test(message)) {
+  if (/not valid for name|NotValidForName/i.test(message)) {
     return `server ${where}'s certificate is not valid for the name "${host}" (${message})`;
   }
-  if (/Expired|NotValidYet/i.test(message)) {
+  if (/expired|not valid yet|NotValidYet/i.test(message)) {
     return `server ${where}'s certificate is expired or not yet valid (${message})`;
   }
   if (err instanceof Deno.errors.ConnectionRefused) {
     return `cannot connect to ${where}: connection refused (is the server running?)`;
   }
-  if (/lookup|resolve|dns|Name or service not known/i.test(message)) {
+  if (
+    /failed to lookup address|Name or service not known|name resolution|No address associated|nodename nor servname/i
+      .test(message)
+  ) {
     return `cannot resolve ${host}: ${message}`;
   }
-  if (/InvalidContentType|CorruptMessage|record|InvalidMessage/i.test(message)) {
+  if (/InvalidContentType|corrupt message|InvalidMessage/i.test(message)) {
     return `${where} does not speak TLS on that port (${message})`;
   }
   return `connection to ${where} failed: ${message}`;

@@ -118,10 +118,15 @@ export interface Welcome {
   session: string;
 }
 
-/** Server → client: refused or dropped, with a reason meant for the admin. */
+/**
+ * Server → client: refused or dropped, with a reason meant for the admin. `retry` is false
+ * only when another live client has taken over this name: retrying would push it out in
+ * turn, and the two would swap places for ever.
+ */
 export interface Refused {
   type: "refused";
   reason: string;
+  retry: boolean;
 }
 
 /**
@@ -334,8 +339,9 @@ export function decodeMessage(payload: Uint8Array): Message {
         session: b64(o, "session", SESSION_TOKEN_BYTES),
       };
     case "refused":
-      expectKeys(o, type, ["reason"]);
-      return { type, reason: str(o, "reason", MAX_REASON_CHARS) };
+      expectKeys(o, type, ["reason", "retry"]);
+      if (typeof o.retry !== "boolean") fail(`field "retry" must be true or false`);
+      return { type, reason: str(o, "reason", MAX_REASON_CHARS), retry: o.retry };
     case "connect":
       expectKeys(o, type, ["id", "host", "port", "user"]);
       return {

@@ -138,8 +138,8 @@ class Session {
   }
 
   /** Tells the client why (best effort, bounded by the socket) and closes. */
-  async refuse(reason: string): Promise<void> {
-    await this.framed.send({ type: "refused", reason }).catch(() => {});
+  async refuse(reason: string, retry = true): Promise<void> {
+    await this.framed.send({ type: "refused", reason, retry }).catch(() => {});
     this.close();
   }
 
@@ -549,6 +549,7 @@ export class Server {
       if (first.version !== PROTOCOL_VERSION) {
         await framed.send({
           type: "refused",
+          retry: true,
           reason:
             `protocol version ${first.version} is not supported (server speaks ${PROTOCOL_VERSION})`,
         });
@@ -597,6 +598,7 @@ export class Server {
       });
       await framed.send({
         type: "refused",
+        retry: true,
         reason: `unknown client name "${hello.name}": the server has no [clients] entry for it`,
       });
       return framed.stream.close();
@@ -616,6 +618,7 @@ export class Server {
       });
       await framed.send({
         type: "refused",
+        retry: true,
         reason:
           `authentication failed: the key does not match the one configured for "${hello.name}"`,
       });
@@ -646,7 +649,7 @@ export class Server {
         remote,
         old: old.remote,
       });
-      await old.refuse(`replaced by a newer connection from ${remote}`);
+      await old.refuse(`replaced by a newer connection from ${remote}`, false);
     }
     logger.info("client {name} connected from {remote}", { name: hello.name, remote });
 

@@ -13,25 +13,43 @@ export const ROOT = new URL("..", import.meta.url).pathname;
 /** Default deadline for a condition in tests. */
 export const DEADLINE_MS = 20_000;
 
-/** Returns a TCP port that was free on 127.0.0.1 a moment ago. */
+/** Ports {@link freePort} has handed out in this process; never handed out twice. */
+const handedOut = new Set<number>();
+
+/**
+ * Returns a TCP port that was free on 127.0.0.1 a moment ago, and that this process has not
+ * been given before: the kernel may offer a just-closed port again, and two ports of one test
+ * (say communication_port and a service port) must differ.
+ */
 export function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
-  return port;
+  for (;;) {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = (listener.addr as Deno.NetAddr).port;
+    listener.close();
+    if (!handedOut.has(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
 }
 
-/** Polls `check` until it returns a truthy value, or throws after `timeoutMs`. */
+/**
+ * Polls `check` until it returns a truthy value, or throws after `timeoutMs`; `what` (or what
+ * it returns, computed at the deadline) says what was awaited.
+ */
 export async function waitUntil<T>(
   check: () => T | Promise<T>,
-  what: string,
+  what: string | (() => string),
   timeoutMs = DEADLINE_MS,
 ): Promise<NonNullable<T>> {
   const end = Date.now() + timeoutMs;
   for (;;) {
     const value = await check();
     if (value) return value as NonNullable<T>;
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (Date.now() > end) {
+      const described = typeof what === "function" ? what() : what;
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${described}`);
+    }
     await new Promise((r) => setTimeout(r, 10));
   }
 }
@@ -74,10 +92,11 @@ export class Fixture {
     return { name, keyPath, publicKey };
   }
 
-  /** Writes `text` to `name` in the fixture dir and returns its path. */
-  async write(name: string, text: string): Promise<string> {
+  /** Writes `text` to `name` in the fixture dir (with `mode`, if given); returns its path. */
+  async write(name: string, text: string, mode?: number): Promise<string> {
     const p = this.path(name);
-    await Deno.writeTextFile(p, text);
+    await Deno.writeTextFile(p, text, mode === undefined ? {} : { mode });
+    if (mode !== undefined) await Deno.chmod(p, mode); // `mode` applies only to new files
     return p;
   }
 
@@ -139,23 +158,32 @@ export function clientToml(options: {
   ].join("\n") + "\n";
 }
 
-/** A spawned NATadm program whose stderr lines are collected as they come. */
-export class Program {
+/** A spawned process whose stderr lines (and stdout text) are collected as they come. */
+export class Process {
   readonly lines: string[] = [];
+  /** Everything written to stdout so far. */
+  stdout = "";
   readonly status: Promise<Deno.CommandStatus>;
   #child: Deno.ChildProcess;
   #stdout: Promise<string>;
   #stderrDone: Promise<void>;
+  /** Set once the process has exited and its stderr is fully read. */
+  #exit: Deno.CommandStatus | undefined;
 
-  constructor(script: string, args: string[], permissions = ["--allow-net", "--allow-read"]) {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", ...permissions, join(ROOT, script), ...args],
+  constructor(command: string, args: string[]) {
+    const child = new Deno.Command(command, {
+      args,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
     }).spawn();
     this.#child = child;
-    this.#stdout = new Response(child.stdout).text();
+    this.#stdout = (async () => {
+      for await (const text of child.stdout.pipeThrough(new TextDecoderStream())) {
+        this.stdout += text;
+      }
+      return this.stdout;
+    })();
     this.#stderrDone = (async () => {
       let rest = "";
       for await (const text of child.stderr.pipeThrough(new TextDecoderStream())) {
@@ -166,13 +194,46 @@ export class Program {
       if (rest) this.lines.push(rest);
     })();
     this.status = this.#child.status;
+    Promise.all([this.status, this.#stderrDone]).then(([status]) => this.#exit = status);
   }
 
-  /** Waits for a stderr line matching `pattern` and returns it. */
+  /** The process id. */
+  get pid(): number {
+    return this.#child.pid;
+  }
+
+  /** True once the process has exited and all its stderr has been read. */
+  get exited(): boolean {
+    return this.#exit !== undefined;
+  }
+
+  /**
+   * Waits for a stderr line matching `pattern` and returns it; fails at once if the process
+   * exits without printing one.
+   */
   waitFor(pattern: RegExp, timeoutMs = DEADLINE_MS): Promise<string> {
     return waitUntil(
-      () => this.lines.find((l) => pattern.test(l)),
-      `${pattern} in output:\n${this.lines.join("\n")}`,
+      () => {
+        const line = this.lines.find((l) => pattern.test(l));
+        if (line === undefined && this.#exit) {
+          throw new Error(
+            `exited with code ${this.#exit.code} before printing ${pattern}:\n${
+              this.lines.join("\n")
+            }`,
+          );
+        }
+        return line;
+      },
+      () => `${pattern} in output:\n${this.lines.join("\n")}`,
+      timeoutMs,
+    );
+  }
+
+  /** Waits for stdout to match `pattern` and returns the match. */
+  waitForStdout(pattern: RegExp, timeoutMs = DEADLINE_MS): Promise<RegExpMatchArray> {
+    return waitUntil(
+      () => this.stdout.match(pattern),
+      () => `${pattern} in stdout:\n${this.stdout}\nstderr:\n${this.lines.join("\n")}`,
       timeoutMs,
     );
   }
@@ -218,18 +279,95 @@ export class Program {
   }
 }
 
+/** A spawned NATadm script (server.ts, client.ts, cmd/…) run by this Deno. */
+export class Program extends Process {
+  constructor(script: string, args: string[], permissions = ["--allow-net", "--allow-read"]) {
+    super(Deno.execPath(), ["run", ...permissions, join(ROOT, script), ...args]);
+  }
+}
+
 /** Starts `server.ts` with a config file and waits until it is ready. */
 export async function startServer(config: string, args: string[] = []): Promise<Program> {
   const server = new Program("server.ts", ["--config", config, ...args]);
-  await server.waitFor(/NATadm server ready/);
+  try {
+    await server.waitFor(/NATadm server ready/);
+  } catch (err) {
+    await server.stop();
+    throw err;
+  }
   return server;
 }
 
 /** Starts `client.ts` with a config file and waits until it is connected. */
 export async function startClient(config: string, args: string[] = []): Promise<Program> {
   const client = new Program("client.ts", ["--config", config, ...args]);
-  await client.waitFor(/connected to .* as/);
+  try {
+    await client.waitFor(/connected to .* as/);
+  } catch (err) {
+    await client.stop();
+    throw err;
+  }
   return client;
+}
+
+/**
+ * What a test must undo, in reverse order: programs to stop, dirs to remove, listeners to
+ * close. `close()` in a `finally` block undoes all of it, even after a failure.
+ */
+export class Scope {
+  #undo: (() => unknown)[] = [];
+
+  /** Runs `step` at {@link close}, before every step registered earlier. */
+  defer(step: () => unknown): void {
+    this.#undo.push(step);
+  }
+
+  /** Closes `resource` (a connection, a listener) at {@link close} if still open; returns it. */
+  closing<T extends { close(): void }>(resource: T): T {
+    this.defer(() => {
+      try {
+        resource.close();
+      } catch {
+        // Already closed.
+      }
+    });
+    return resource;
+  }
+
+  /** Stops `program` at {@link close}; returns it. */
+  track<T extends Process>(program: T): T {
+    this.defer(() => program.stop());
+    return program;
+  }
+
+  /** Starts a server ({@link startServer}) that is stopped at {@link close}. */
+  async server(config: string, args: string[] = []): Promise<Program> {
+    return this.track(await startServer(config, args));
+  }
+
+  /** Starts a client ({@link startClient}) that is stopped at {@link close}. */
+  async client(config: string, args: string[] = []): Promise<Program> {
+    return this.track(await startClient(config, args));
+  }
+
+  /** Spawns a program ({@link Program}) that is stopped at {@link close}. */
+  spawn(script: string, args: string[], permissions?: string[]): Program {
+    return this.track(new Program(script, args, permissions));
+  }
+
+  /** Undoes everything, last first; every step runs even if one fails. */
+  async close(): Promise<void> {
+    const errors: unknown[] = [];
+    for (const step of this.#undo.reverse()) {
+      try {
+        await step();
+      } catch (err) {
+        errors.push(err);
+      }
+    }
+    this.#undo = [];
+    if (errors.length) throw errors[0];
+  }
 }
 
 /** A TCP echo service on 127.0.0.1: the stand-in for a service behind NAT. */
@@ -269,7 +407,7 @@ export async function readExactly(
   conn: Deno.Conn,
   n: number,
   timeoutMs = DEADLINE_MS,
-): Promise<Uint8Array> {
+): Promise<Uint8Array<ArrayBuffer>> {
   const out = new Uint8Array(n);
   let got = 0;
   const timer = setTimeout(() => conn.close(), timeoutMs);
@@ -286,7 +424,10 @@ export async function readExactly(
 }
 
 /** Reads until end of stream (with a deadline); returns everything read. */
-export async function readToEnd(conn: Deno.Conn, timeoutMs = DEADLINE_MS): Promise<Uint8Array> {
+export async function readToEnd(
+  conn: Deno.Conn,
+  timeoutMs = DEADLINE_MS,
+): Promise<Uint8Array<ArrayBuffer>> {
   const timer = setTimeout(() => conn.close(), timeoutMs);
   try {
     return new Uint8Array(await new Response(conn.readable).arrayBuffer());
@@ -339,4 +480,99 @@ export async function echoSetup(
       await fixture.cleanup();
     },
   };
+}
+
+/** Runs a NATadm script to completion (with a deadline); returns exit code, stdout, stderr. */
+export function runScript(
+  script: string,
+  args: string[],
+  permissions?: string[],
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Program(script, args, permissions).result();
+}
+
+/** The one `PROGRAM: error: ...` line in `stderr`; fails unless there is exactly one. */
+export function errorLine(stderr: string, program: string): string {
+  const lines = stderr.split("\n").filter((l) => l.startsWith(`${program}: error: `));
+  if (lines.length !== 1) {
+    throw new Error(`expected one "${program}: error:" line, got ${lines.length}:\n${stderr}`);
+  }
+  return lines[0];
+}
+
+/** True if nothing accepts TCP connections on 127.0.0.1:`port` (connect is refused). */
+export async function connectRefused(port: number): Promise<boolean> {
+  try {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    conn.close();
+    return false;
+  } catch (err) {
+    if (err instanceof Deno.errors.ConnectionRefused) return true;
+    throw err;
+  }
+}
+
+/** Runs an external command to completion; throws with its stderr if it fails. */
+export async function sh(command: string, args: string[], cwd?: string): Promise<string> {
+  const out = await new Deno.Command(command, { args, cwd, stdout: "piped", stderr: "piped" })
+    .output();
+  const stderr = new TextDecoder().decode(out.stderr);
+  if (!out.success) throw new Error(`${command} ${args.join(" ")} failed (${out.code}): ${stderr}`);
+  return new TextDecoder().decode(out.stdout);
+}
+
+/** Absolute path of `name` on PATH (or in an sbin dir), or undefined if it is not installed. */
+export function findExecutable(name: string): string | undefined {
+  const dirs = (Deno.env.get("PATH") ?? "").split(":").concat(["/usr/sbin", "/usr/local/sbin"]);
+  for (const dir of dirs) {
+    if (!dir) continue;
+    const full = join(dir, name);
+    try {
+      if (Deno.statSync(full).isFile) return full;
+    } catch {
+      // Not in this directory.
+    }
+  }
+  return undefined;
+}
+
+/** Escapes `text` for use inside a RegExp. */
+export function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}
+
+/** Connects a user to `port`, sends `text`, and returns what comes back (as many bytes). */
+export async function roundTrip(port: number, text: string): Promise<string> {
+  const user = await connectUser(port);
+  try {
+    const bytes = new TextEncoder().encode(text);
+    await writeAll(user, bytes);
+    return new TextDecoder().decode(await readExactly(user, bytes.length));
+  } finally {
+    try {
+      user.close();
+    } catch {
+      // Closed by readExactly's deadline.
+    }
+  }
+}
+
+/** Writes all of `bytes` to `conn` (a single write may take only part). */
+export async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  let done = 0;
+  while (done < bytes.length) done += await conn.write(bytes.subarray(done));
+}
+
+/** `n` random bytes (WebCrypto fills at most 64 KiB per call). */
+export function randomBytes(n: number): Uint8Array<ArrayBuffer> {
+  const out = new Uint8Array(n);
+  for (let at = 0; at < n; at += 65_536) crypto.getRandomValues(out.subarray(at, at + 65_536));
+  return out;
+}
+
+/** Where two byte arrays first differ, or -1 if they are equal (same length, same bytes). */
+export function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
 }

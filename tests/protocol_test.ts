@@ -23,7 +23,7 @@ Deno.test("every message survives an encode/decode round trip unchanged", () => 
       session: id,
     },
     { type: "standby", version: 1, session: id },
-    { type: "refused", reason: "no" },
+    { type: "refused", reason: "no", retry: true },
     { type: "connect", id, host: "localhost", port: 22, user: "203.0.113.9:5555" },
     { type: "reject", id, reason: "refused" },
     { type: "ping" },
@@ -65,7 +65,7 @@ Deno.test("the decoder rejects malformed frames with a ProtocolError that says w
 
 Deno.test("a message larger than the frame limit cannot be encoded", () => {
   assert.throws(
-    () => encodeFrame({ type: "refused", reason: "x".repeat(MAX_FRAME_BYTES) }),
+    () => encodeFrame({ type: "refused", reason: "x".repeat(MAX_FRAME_BYTES), retry: true }),
     ProtocolError,
   );
 });
