@@ -420,7 +420,9 @@ export function describeError(err: unknown, host: string, port: number): string 
   ) {
     return `cannot resolve ${host}: ${message}`;
   }
-  if (/InvalidContentType|corrupt message|InvalidMessage/i.test(message)) {
+  if (
+    /InvalidContentType|corrupt message|InvalidMessage|unexpected handshake message/i.test(message)
+  ) {
     return `${where} does not speak TLS on that port (${message})`;
   }
   return `connection to ${where} failed: ${message}`;

@@ -57,6 +57,8 @@ export interface ServerConfig {
   logLevel?: LogLevel;
   /** Client name → its Ed25519 public key. */
   clients: Map<string, CryptoKey>;
+  /** Client name → its public key as written (base64 SPKI), to tell when a key changes. */
+  clientKeyText: Map<string, string>;
   services: ServiceConfig[];
 }
 
@@ -279,6 +281,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
   }
 
   const clients = new Map<string, CryptoKey>();
+  const clientKeyText = new Map<string, string>();
   const clientsTable = r.table_("clients");
   for (const [name, entry] of Object.entries(clientsTable)) {
     const at = `clients.${JSON.stringify(name)}`;
@@ -305,6 +308,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
       );
     }
     clients.set(name, publicKey);
+    clientKeyText.set(name, text);
   }
 
   const services: ServiceConfig[] = [];
@@ -372,6 +376,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
       : undefined,
     logLevel: r.logLevel(),
     clients,
+    clientKeyText,
     services,
   };
 }

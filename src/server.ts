@@ -162,6 +162,8 @@ export class Server {
   #byToken = new Map<string, Session>();
   #waiting = new Map<string, PendingUser[]>();
   #byId = new Map<string, PendingUser>();
+  /** Users handed to a standby connection, by the id sent with them, until their tunnel ends. */
+  #viaStandby = new Map<string, PendingUser>();
   #tunnels = new Map<TunnelInfo, { user: Stream; data: Stream; counts: BridgeResult }>();
   #tunnelSeq = 0;
   /** Called when the last live tunnel closes, during a graceful shutdown. */
@@ -280,6 +282,9 @@ export class Server {
     for (const [name, session] of this.#sessions) {
       if (!next.clients.has(name)) {
         session.refuse("this client was removed from the server's config");
+      } else if (next.clientKeyText.get(name) !== old.clientKeyText.get(name)) {
+        // A rotated key must shut out whoever logged in with the old one (it may be stolen).
+        session.refuse("this client's key was changed on the server; log in with the new key");
       }
     }
     logger.info(
@@ -500,25 +505,40 @@ export class Server {
   }
 
   /** Hands `pending`'s user to an idle standby connection: no round trip, no handshake. */
-  #useStandby(pending: PendingUser, standby: Stream): Promise<void> {
+  async #useStandby(pending: PendingUser, standby: Stream): Promise<void> {
     const { service, user } = pending;
+    const id = crypto.getRandomValues(new Uint8Array(TUNNEL_ID_BYTES)).toBase64();
     // Not awaited: the bridge's first write queues behind this frame on the same socket, and
     // if the connection turns out dead the bridge fails and closes the user.
     new FramedStream(standby).send({
       type: "connect",
-      id: crypto.getRandomValues(new Uint8Array(TUNNEL_ID_BYTES)).toBase64(),
+      id,
       host: service.host,
       port: service.targetPort,
       user: user.remote,
     }).catch(() => standby.close());
-    return this.#tunnel(user, standby, service);
+    // Remembered while the tunnel lives, so the client's `reject` for it can be reported. It
+    // travels on the control connection and may arrive after this tunnel has failed, so a
+    // tunnel that failed before carrying a byte back stays remembered a little longer.
+    this.#viaStandby.set(id, pending);
+    const result = await this.#tunnel(user, standby, service);
+    if (result.error && result.backward === 0) {
+      setTimeout(() => this.#viaStandby.delete(id), AUTH_STEP_TIMEOUT_MS);
+    } else {
+      this.#viaStandby.delete(id);
+    }
   }
 
   /** Parks a standby connection on its session until a user needs it. */
   #park(stream: Stream, token: string): void {
     const session = this.#byToken.get(token);
     if (!session || session.closed || session.standby.length >= MAX_STANDBY_PER_CLIENT) {
-      logger.debug("standby connection from {remote} refused", { remote: stream.remote });
+      logger.warn("standby connection from {remote} refused: {why}", {
+        remote: stream.remote,
+        why: !session || session.closed
+          ? "unknown or ended session"
+          : `${MAX_STANDBY_PER_CLIENT} already idle`,
+      });
       return stream.close();
     }
     session.standby.push(stream);
@@ -688,7 +708,7 @@ export class Server {
 
   /** The client could not open the tunnel for `id`: close that user and say why. */
   #rejected(session: Session, id: string, reason: string): void {
-    const pending = this.#byId.get(id);
+    const pending = this.#byId.get(id) ?? this.#viaStandby.get(id);
     if (!pending || pending.service.name !== session.name) return;
     this.#forget(pending);
     pending.user.close();
@@ -723,7 +743,7 @@ export class Server {
   }
 
   /** Bridges a user with its data connection and logs the tunnel's life. */
-  async #tunnel(user: Stream, data: Stream, service: ServiceConfig): Promise<void> {
+  async #tunnel(user: Stream, data: Stream, service: ServiceConfig): Promise<BridgeResult> {
     const started = performance.now();
     const info: TunnelInfo = {
       id: ++this.#tunnelSeq,
@@ -763,6 +783,7 @@ export class Server {
       },
     );
     if (!result.error) await this.#recycle(data);
+    return result;
   }
 
   /** After a clean tunnel the client offers the data connection back as a standby one. */

@@ -282,7 +282,13 @@ export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
     options.onConnection(new SocketStream(socket));
   });
   server.on("tlsClientError", (err: Error, socket: tls.TLSSocket) => {
-    const remote = `${socket.remoteAddress}:${socket.remotePort}`;
+    // Before the handshake completes, Deno's TLS socket knows the address only via its parent.
+    // deno-lint-ignore no-explicit-any
+    const raw = (socket as any)._parent as Socket | undefined;
+    const host = socket.remoteAddress ?? raw?.remoteAddress ?? "?";
+    const remote = `${host.includes(":") ? `[${host}]` : host}:${
+      socket.remotePort ?? raw?.remotePort
+    }`;
     socket.destroy();
     options.onHandshakeError?.(remote, err);
   });

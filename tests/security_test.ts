@@ -1,0 +1,1392 @@
+/**
+ * Security controls, each proved against real processes, sockets and TLS: the client's allow
+ * list, exact Deno permissions, private key modes, the server's limits, the failed-login
+ * penalty, one-time data-connection ids, source allow lists, and certificate verification.
+ * SECURITY.md maps every control to the test here that proves it.
+ */
+import assert from "node:assert/strict";
+import * as net from "node:net";
+import { Buffer } from "node:buffer";
+import { CERT_FILES } from "../src/certs.ts";
+import { AUTH_FREE_FAILURES } from "../src/guard.ts";
+import {
+  encodeFrame,
+  type Hello,
+  MAX_FRAME_BYTES,
+  MAX_STANDBY_PER_CLIENT,
+  PROTOCOL_VERSION,
+} from "../src/protocol.ts";
+import {
+  clientToml,
+  connectRefused,
+  connectUser,
+  DEADLINE_MS,
+  echoSetup,
+  errorLine,
+  escapeRegExp,
+  Fixture,
+  freePort,
+  type Identity,
+  type Program,
+  runScript,
+  Scope,
+  sh,
+  waitUntil,
+} from "./helpers.ts";
+import {
+  attemptLogin,
+  closedWithin,
+  countingEcho,
+  dial,
+  type Dialed,
+  echoesThrough,
+  echoStream,
+  fullServerToml,
+  type FullService,
+  Peer,
+  randomId,
+} from "./hostile.ts";
+
+const encoder = new TextEncoder();
+const bytes = (text: string) => encoder.encode(text);
+
+/** `n` random bytes (getRandomValues gives at most 64 KiB at a time). */
+function randomBytes(n: number): Uint8Array {
+  const out = new Uint8Array(n);
+  for (let at = 0; at < n; at += 65_536) crypto.getRandomValues(out.subarray(at, at + 65_536));
+  return out;
+}
+
+/** A fixture removed when `scope` closes. */
+async function fixtureIn(scope: Scope, hosts?: string[]): Promise<Fixture> {
+  const fixture = await Fixture.create(hosts);
+  scope.defer(() => fixture.cleanup());
+  return fixture;
+}
+
+/** A counting echo service closed when `scope` closes. */
+function echoIn(scope: Scope, hostname?: string): ReturnType<typeof countingEcho> {
+  const echo = countingEcho(hostname);
+  scope.defer(echo.close);
+  return echo;
+}
+
+/** Closes `conn` when `scope` closes (if it is still open); returns it. */
+function own<T extends { close(): void }>(scope: Scope, conn: T): T {
+  scope.defer(() => {
+    try {
+      conn.close();
+    } catch {
+      // Already closed by the test.
+    }
+  });
+  return conn;
+}
+
+/** A TLS connection to the communication port, closed when `scope` closes. */
+async function dialIn(scope: Scope, port: number, caPem: string): Promise<Dialed> {
+  const dialed = await dial(port, caPem);
+  own(scope, dialed.stream);
+  return dialed;
+}
+
+/** Our side's port of a connection: the server logs the user as `127.0.0.1:PORT`. */
+function portOf(conn: Deno.Conn): number {
+  return (conn.localAddr as Deno.NetAddr).port;
+}
+
+/** A pattern for the address `host:port` as the logs quote it. */
+function addr(port: number, host = "127.0.0.1"): string {
+  return `"?${escapeRegExp(host)}:${port}"?`;
+}
+
+/** Connects a user to `port`, checks that `text` echoes back, and hangs up. */
+async function echoWorks(port: number, text = "ping"): Promise<void> {
+  const user = await connectUser(port);
+  try {
+    assert.ok(await echoesThrough(user, bytes(text)), `no echo through service port ${port}`);
+  } finally {
+    user.close();
+  }
+}
+
+/** Writes a server config and starts the server under `scope`. */
+async function serverWith(
+  scope: Scope,
+  fixture: Fixture,
+  options: Parameters<typeof fullServerToml>[0],
+  args: string[] = [],
+) {
+  const file = await fixture.write("server.toml", fullServerToml(options));
+  return { file, server: await scope.server(file, args) };
+}
+
+/** Client config text for `identity`, plus `allow` when given. */
+function clientText(
+  identity: Identity,
+  communicationPort: number,
+  allow?: string[],
+  host?: string,
+): string {
+  const base = clientToml({ identity, communicationPort, host });
+  return allow ? `${base}allow = ${JSON.stringify(allow)}\n` : base;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client's allow list
+
+Deno.test("client allow list: a target outside it is never dialled, and the server closes the user with the client's reason", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const allowed = echoIn(scope);
+    const forbidden = echoIn(scope);
+    const communicationPort = freePort();
+    const [okPort, badPort] = [freePort(), freePort()];
+    const { server } = await serverWith(scope, fixture, {
+      communicationPort,
+      clients: [identity],
+      services: [
+        { port: okPort, name: identity.name, host: "localhost", targetPort: allowed.port },
+        { port: badPort, name: identity.name, host: "localhost", targetPort: forbidden.port },
+      ],
+    });
+    const client = await scope.client(
+      await fixture.write(
+        "client.toml",
+        clientText(identity, communicationPort, [`localhost:${allowed.port}`]),
+      ),
+    );
+
+    await echoWorks(okPort);
+    const user = own(scope, await connectUser(badPort));
+    const userPort = portOf(user);
+    assert.ok(await closedWithin(user), "the server did not close the refused user");
+    await client.waitFor(
+      new RegExp(
+        `refused to connect user ${addr(userPort)} to "?localhost:${forbidden.port}"?: ` +
+          `not in the allow list`,
+      ),
+    );
+    assert.equal(forbidden.accepted, 0, "the client connected to a target outside its list");
+    assert.equal(allowed.accepted, 1);
+    // The client sent its reason as it refused: the server logs it with the user.
+    await server.waitFor(
+      new RegExp(
+        `user ${addr(userPort)} on service ${badPort} closed: client "?foo bar"? could not ` +
+          `connect: "?localhost:${forbidden.port} is not in this client's allow list`,
+      ),
+      5_000,
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("without an allow list the client connects only to this machine: 127.0.0.2 is refused", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const local = echoIn(scope);
+    const elsewhere = echoIn(scope, "127.0.0.2");
+    const communicationPort = freePort();
+    const [okPort, badPort] = [freePort(), freePort()];
+    const { server } = await serverWith(scope, fixture, {
+      communicationPort,
+      clients: [identity],
+      services: [
+        { port: okPort, name: identity.name, targetPort: local.port },
+        { port: badPort, name: identity.name, host: "127.0.0.2", targetPort: elsewhere.port },
+      ],
+    });
+    const client = await scope.client(
+      await fixture.write("client.toml", clientText(identity, communicationPort)),
+    );
+
+    await echoWorks(okPort);
+    const user = own(scope, await connectUser(badPort));
+    const userPort = portOf(user);
+    assert.ok(await closedWithin(user), "the server did not close the refused user");
+    await client.waitFor(
+      new RegExp(
+        `refused to connect user ${addr(userPort)} to "?127\\.0\\.0\\.2:${elsewhere.port}`,
+      ),
+    );
+    assert.equal(elsewhere.accepted, 0, "the client connected to 127.0.0.2 without an allow list");
+    // 127.0.0.2 was reachable all along: the refusal is the client's choice, not the network's.
+    (await Deno.connect({ hostname: "127.0.0.2", port: elsewhere.port })).close();
+    await waitUntil(() => elsewhere.accepted === 1, "the direct connection to 127.0.0.2");
+    await server.waitFor(
+      new RegExp(
+        `user ${addr(userPort)} on service ${badPort} closed: .*127\\.0\\.0\\.2:` +
+          `${elsewhere.port} is not in this client's allow list`,
+      ),
+      5_000,
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Exact Deno permissions
+
+/** The flags `--print-permissions` prints for `script` and `config`. */
+async function printedFlags(script: string, config: string): Promise<string> {
+  const { code, stdout, stderr } = await runScript(script, [
+    "--config",
+    config,
+    "--print-permissions",
+  ]);
+  assert.equal(code, 0, stderr);
+  return stdout.trim();
+}
+
+Deno.test("--print-permissions prints the server's exact flags: its ports on listen_host and its files", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const [communicationPort, a, b] = [freePort(), freePort(), freePort()];
+    const file = await fixture.write(
+      "server.toml",
+      fullServerToml({
+        communicationPort,
+        clients: [identity],
+        services: [
+          { port: a, name: identity.name, targetPort: 22 },
+          { port: b, name: identity.name, targetPort: 80 },
+        ],
+      }),
+    );
+    assert.equal(
+      await printedFlags("server.ts", file),
+      // Services in port order, as TOML tables keyed by number come.
+      `--allow-net=127.0.0.1:${communicationPort},127.0.0.1:${Math.min(a, b)},` +
+        `127.0.0.1:${Math.max(a, b)} ` +
+        `--allow-read=${file},${fixture.path(CERT_FILES.cert)},${fixture.path(CERT_FILES.key)}`,
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("--print-permissions prints the client's exact flags: the server, allowed targets, its files", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const communicationPort = freePort();
+    const read = `--allow-read=FILE,${fixture.caPath},${identity.keyPath}`;
+    const listed = await fixture.write(
+      "listed.toml",
+      clientText(identity, communicationPort, ["localhost:22", "[::1]:80", "10.0.0.5:3389"]),
+    );
+    assert.equal(
+      await printedFlags("client.ts", listed),
+      `--allow-net=localhost:${communicationPort},localhost:22,[::1]:80,10.0.0.5:3389 ` +
+        read.replace("FILE", listed),
+    );
+    const unlisted = await fixture.write("unlisted.toml", clientText(identity, communicationPort));
+    assert.equal(
+      await printedFlags("client.ts", unlisted),
+      `--allow-net=localhost:${communicationPort},localhost,127.0.0.1,[::1] ` +
+        read.replace("FILE", unlisted),
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("under exactly their printed flags both programs tunnel, and a target off the allow list is refused by the client's own check, not by Deno", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const allowed = echoIn(scope);
+    const forbidden = echoIn(scope);
+    const communicationPort = freePort();
+    const [okPort, badPort] = [freePort(), freePort()];
+    const serverFile = await fixture.write(
+      "server.toml",
+      fullServerToml({
+        communicationPort,
+        clients: [identity],
+        services: [
+          { port: okPort, name: identity.name, targetPort: allowed.port },
+          { port: badPort, name: identity.name, targetPort: forbidden.port },
+        ],
+      }),
+    );
+    const clientFile = await fixture.write(
+      "client.toml",
+      clientText(identity, communicationPort, [`localhost:${allowed.port}`]),
+    );
+    const serverFlags = (await printedFlags("server.ts", serverFile)).split(" ");
+    const clientFlags = (await printedFlags("client.ts", clientFile)).split(" ");
+
+    const server = scope.spawn("server.ts", ["--config", serverFile], serverFlags);
+    await server.waitFor(/NATadm server ready/);
+    const client = scope.spawn("client.ts", ["--config", clientFile], clientFlags);
+    await client.waitFor(/connected to .* as/);
+
+    await echoWorks(okPort, "under exact permissions");
+    const user = own(scope, await connectUser(badPort));
+    assert.ok(await closedWithin(user), "the server did not close the refused user");
+    await client.waitFor(new RegExp(`localhost:${forbidden.port}"?: not in the allow list`));
+    const denied = /NotCapable|PermissionDenied|Requires \w+ access|permission/i;
+    assert.equal(client.count(denied), 0, client.lines.join("\n"));
+    assert.equal(server.count(denied), 0, server.lines.join("\n"));
+    assert.equal(forbidden.accepted, 0);
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("Deno itself denies a connection that the client's printed flags do not list", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const listed = echoIn(scope);
+    const unlisted = echoIn(scope);
+    const clientFile = await fixture.write(
+      "client.toml",
+      clientText(identity, freePort(), [`localhost:${listed.port}`]),
+    );
+    const flags = (await printedFlags("client.ts", clientFile)).split(" ");
+    const probe = await fixture.write(
+      "probe.ts",
+      `try {
+  const conn = await Deno.connect({ hostname: Deno.args[0], port: Number(Deno.args[1]) });
+  conn.close();
+  console.log("connected");
+} catch (err) {
+  console.log(err.name);
+}
+`,
+    );
+    const connect = async (host: string, port: number) => {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["run", ...flags, probe, host, String(port)],
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      return new TextDecoder().decode(out.stdout).trim();
+    };
+    assert.equal(await connect("localhost", listed.port), "connected");
+    assert.equal(await connect("localhost", unlisted.port), "NotCapable");
+    assert.equal(await connect("127.0.0.1", unlisted.port), "NotCapable");
+    assert.equal(unlisted.accepted, 0);
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Private key file modes
+
+Deno.test("a client key readable by group or others stops the client with a chmod 600 hint", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const file = await fixture.write("client.toml", clientText(identity, freePort()));
+    for (const mode of [0o644, 0o640, 0o604]) {
+      await Deno.chmod(identity.keyPath, mode);
+      const { code, stderr } = await runScript("client.ts", ["--config", file]);
+      assert.notEqual(code, 0, stderr);
+      const key = escapeRegExp(identity.keyPath);
+      assert.match(
+        errorLine(stderr, "natadm-client"),
+        new RegExp(`: key: private key ${key} is readable by others .*; run: chmod 600 ${key}$`),
+      );
+    }
+    await Deno.chmod(identity.keyPath, 0o600);
+    await printedFlags("client.ts", file); // the same config loads once the key is private
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("a server key readable by group or others stops the server with a chmod 600 hint, nothing bound", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const [communicationPort, servicePort] = [freePort(), freePort()];
+    const file = await fixture.write(
+      "server.toml",
+      fullServerToml({
+        communicationPort,
+        clients: [identity],
+        services: [{ port: servicePort, name: identity.name, targetPort: 22 }],
+      }),
+    );
+    const keyPath = fixture.path(CERT_FILES.key);
+    await Deno.chmod(keyPath, 0o644);
+    const { code, stderr } = await runScript("server.ts", ["--config", file]);
+    assert.notEqual(code, 0, stderr);
+    const key = escapeRegExp(keyPath);
+    assert.match(
+      errorLine(stderr, "natadm-server"),
+      new RegExp(`private key ${key} is readable by others .*; run: chmod 600 ${key}$`),
+    );
+    assert.ok(await connectRefused(communicationPort));
+    assert.ok(await connectRefused(servicePort));
+    await Deno.chmod(keyPath, 0o600);
+    await printedFlags("server.ts", file);
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+/** Sets up a server (and, unless `client` is false, a client) for one echo service. */
+async function echoWorld(
+  scope: Scope,
+  options: { extra?: string; client?: boolean; serverArgs?: string[] } = {},
+) {
+  const env = await echoSetup({ extra: options.extra });
+  scope.defer(env.cleanup);
+  const server = await scope.server(env.serverConfig, options.serverArgs);
+  const client = options.client === false ? undefined : await scope.client(env.clientConfig);
+  const caPem = await Deno.readTextFile(env.fixture.caPath);
+  return { ...env, server, client, caPem };
+}
+
+/** A 4-byte frame header announcing `length` bytes. */
+function header(length: number): Uint8Array {
+  const h = new Uint8Array(4);
+  new DataView(h.buffer).setUint32(0, length);
+  return h;
+}
+
+Deno.test("a frame length over MAX_FRAME_BYTES closes the connection and is logged; exactly the limit is read; the server keeps serving", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope);
+    for (const length of [MAX_FRAME_BYTES + 1, 0xffff_ffff]) {
+      const { stream, localPort } = await dialIn(scope, w.communicationPort, w.caPem);
+      await stream.write(header(length));
+      await stream.write(new Uint8Array(64));
+      assert.ok(await closedWithin(stream), `a ${length}-byte header did not close the connection`);
+      await w.server.waitFor(
+        new RegExp(
+          `connection from ${addr(localPort)} dropped: "?frame of ${length} bytes exceeds ` +
+            `${MAX_FRAME_BYTES}`,
+        ),
+      );
+    }
+    // A frame of exactly MAX_FRAME_BYTES is within the limit: a hello padded with whitespace.
+    const atLimit = await dialIn(scope, w.communicationPort, w.caPem);
+    const message: Hello = {
+      type: "hello",
+      version: PROTOCOL_VERSION,
+      name: w.identity.name,
+      interval: 5,
+      check: false,
+    };
+    const hello = JSON.stringify(message).padEnd(MAX_FRAME_BYTES, " ");
+    await atLimit.stream.write(header(MAX_FRAME_BYTES));
+    await atLimit.stream.write(bytes(hello));
+    assert.equal((await atLimit.framed.read(DEADLINE_MS))?.type, "challenge");
+    atLimit.stream.close();
+
+    await echoWorks(w.servicePort, "still serving");
+    assert.equal(w.server.exited, false);
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("max_pending_users: with the client away, the user past the limit is closed at once and logged", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope, { extra: "max_pending_users = 2", client: false });
+    const waiting = [
+      own(scope, await connectUser(w.servicePort)),
+      own(scope, await connectUser(w.servicePort)),
+    ];
+    for (const user of waiting) {
+      await w.server.waitFor(new RegExp(`user ${addr(portOf(user))} on service \\d+ waits for`));
+    }
+    const third = own(scope, await connectUser(w.servicePort));
+    // Closed long before pending_timeout (60 s) could have done it.
+    assert.ok(await closedWithin(third), "the user past max_pending_users was not closed");
+    await w.server.waitFor(
+      new RegExp(
+        `user ${addr(portOf(third))} on service ${w.servicePort} refused: ` +
+          `"?2 users already wait \\(max_pending_users\\)`,
+      ),
+    );
+    // The two within the limit were kept: the client serves both once it comes.
+    await scope.client(w.clientConfig);
+    for (const user of waiting) assert.ok(await echoesThrough(user, bytes("kept waiting")));
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("max_tunnels_per_client: a user past the client's live tunnels is refused until one ends", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope, { extra: "max_tunnels_per_client = 2" });
+    const live = [
+      own(scope, await connectUser(w.servicePort)),
+      own(scope, await connectUser(w.servicePort)),
+    ];
+    for (const user of live) assert.ok(await echoesThrough(user, bytes("live")));
+    const third = own(scope, await connectUser(w.servicePort));
+    assert.ok(await closedWithin(third), "the user past max_tunnels_per_client was not closed");
+    await w.server.waitFor(
+      new RegExp(
+        `user ${addr(portOf(third))} on service ${w.servicePort} refused: "?client "?foo bar"? ` +
+          `has 2 live tunnels \\(max_tunnels_per_client\\)`,
+      ),
+    );
+    assert.ok(await echoesThrough(live[1], bytes("the others live on")));
+    const gone = portOf(live[0]);
+    live[0].close();
+    await w.server.waitFor(new RegExp(`tunnel closed: user ${addr(gone)}`));
+    await echoWorks(w.servicePort, "a slot is free again");
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("max_unauthenticated: connections past the limit are dropped at once until the silent ones leave", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope, { extra: "max_unauthenticated = 3", client: false });
+    const silent = [];
+    for (let i = 0; i < 3; i++) silent.push(await dialIn(scope, w.communicationPort, w.caPem));
+    const fourth = await dialIn(scope, w.communicationPort, w.caPem);
+    const started = performance.now();
+    assert.ok(await closedWithin(fourth.stream), "the connection past the limit was kept");
+    // At once, not after the 10 s a silent connection gets for its first frame.
+    assert.ok(performance.now() - started < 5_000, `${performance.now() - started} ms`);
+    await w.server.waitFor(
+      new RegExp(
+        `connection from ${addr(fourth.localPort)} dropped: 3 others are still unauthenticated`,
+      ),
+    );
+    for (const s of silent) assert.equal(w.server.count(new RegExp(addr(s.localPort))), 0);
+    for (const s of silent) s.stream.close();
+    // Once the silent ones have gone, a client gets in and tunnels.
+    await scope.client(w.clientConfig);
+    await echoWorks(w.servicePort);
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("standby connections past MAX_STANDBY_PER_CLIENT, or with an unknown token, are closed; those held serve users", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope, { client: false, serverArgs: ["--log-level", "debug"] });
+    const peer = own(scope, await Peer.login(w.communicationPort, w.caPem, w.identity));
+    const held = [];
+    for (let i = 0; i < MAX_STANDBY_PER_CLIENT; i++) {
+      const standby = await peer.openStandby();
+      own(scope, standby.stream);
+      held.push(standby);
+    }
+    const extra = await peer.openStandby();
+    own(scope, extra.stream);
+    assert.ok(await closedWithin(extra.stream), "a standby connection past the limit was kept");
+    await w.server.waitFor(new RegExp(`standby connection from ${addr(extra.localPort)} refused`));
+    const forged = await peer.openStandby(randomId());
+    own(scope, forged.stream);
+    assert.ok(await closedWithin(forged.stream), "a standby with an unknown token was kept");
+    await w.server.waitFor(new RegExp(`standby connection from ${addr(forged.localPort)} refused`));
+    // Every one within the limit was held: each of as many users gets one, oldest first.
+    for (const standby of held) {
+      own(scope, await connectUser(w.servicePort));
+      const message = await standby.framed.read(DEADLINE_MS);
+      assert.equal(message?.type, "connect", JSON.stringify(message));
+    }
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Failed authentication
+
+Deno.test("failed logins from one address get slower, and each is logged once with address and name", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope, { client: false });
+    const impostor = await w.fixture.identity(w.identity.name); // same name, another key
+    const login = (name: string, keyPath: string) =>
+      attemptLogin({ port: w.communicationPort, caPem: w.caPem, name, keyPath });
+    const times: number[] = [];
+    const ports: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const attempt = await login(impostor.name, impostor.keyPath);
+      attempt.dialed.stream.close();
+      assert.equal(attempt.reply?.type, "refused", JSON.stringify(attempt.reply));
+      times.push(attempt.ms);
+      ports.push(attempt.dialed.localPort);
+    }
+    // The first failures are free (AUTH_FREE_FAILURES); the fastest of them is the baseline.
+    const free = Math.min(...times.slice(0, AUTH_FREE_FAILURES + 1));
+    assert.ok(
+      times[4] - free >= 200,
+      `refusals took ${times.map((t) => t.toFixed(0)).join(", ")} ms: the 5th is not slower`,
+    );
+    for (const port of ports) {
+      const line = new RegExp(`client from ${addr(port)} refused: wrong key for "?foo bar"?$`);
+      await w.server.waitFor(line);
+      assert.equal(w.server.count(new RegExp(addr(port))), 1, w.server.lines.join("\n"));
+    }
+    assert.equal(w.server.count(/refused: wrong key/), 5);
+
+    const unknown = await login("nobody", w.identity.keyPath);
+    unknown.dialed.stream.close();
+    assert.equal(unknown.reply?.type, "refused");
+    await w.server.waitFor(
+      new RegExp(`client from ${addr(unknown.dialed.localPort)} refused: unknown name "?nobody`),
+    );
+    // Slower, not locked out: the right key still gets in.
+    const right = await login(w.identity.name, w.identity.keyPath);
+    right.dialed.stream.close();
+    assert.equal(right.reply?.type, "welcome", JSON.stringify(right.reply));
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// One-time data-connection ids
+
+/** A server with clients "foo bar" and "second", one service each, and no real client. */
+async function idWorld(scope: Scope, extra: string[] = []) {
+  const fixture = await fixtureIn(scope);
+  const first = await fixture.identity("foo bar");
+  const second = await fixture.identity("second");
+  const communicationPort = freePort();
+  const [firstPort, secondPort] = [freePort(), freePort()];
+  const services: FullService[] = [
+    { port: firstPort, name: first.name, targetPort: 7 },
+    { port: secondPort, name: second.name, targetPort: 7 },
+  ];
+  const { server } = await serverWith(scope, fixture, {
+    communicationPort,
+    clients: [first, second],
+    services,
+    extra,
+  });
+  const caPem = await Deno.readTextFile(fixture.caPath);
+  const login = async (identity: Identity) =>
+    own(scope, await Peer.login(communicationPort, caPem, identity));
+  return { fixture, first, second, firstPort, server, login };
+}
+
+/** Serves `id` on a new data connection from `peer`, echoing, and checks a user's round trip. */
+async function serveAndEcho(scope: Scope, peer: Peer, id: string, user: Deno.Conn, text: string) {
+  const data = await peer.openData(id);
+  own(scope, data.stream);
+  echoStream(data.stream);
+  assert.ok(await echoesThrough(user, bytes(text)), `the tunnel for ${id} does not echo`);
+}
+
+Deno.test("a forged data-connection id is refused and logged; the issued one still works", async () => {
+  const scope = new Scope();
+  try {
+    const w = await idWorld(scope);
+    const peer = await w.login(w.first);
+    const user = own(scope, await connectUser(w.firstPort));
+    const { id } = await peer.nextConnect();
+    const forged = await peer.openData(randomId());
+    own(scope, forged.stream);
+    assert.ok(await closedWithin(forged.stream), "a forged id was accepted");
+    await w.server.waitFor(
+      new RegExp(
+        `data connection from ${addr(forged.localPort)} refused: unknown, used or expired`,
+      ),
+    );
+    await serveAndEcho(scope, peer, id, user, "after a forged id");
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("a data-connection id used once is refused when replayed; its tunnel runs on", async () => {
+  const scope = new Scope();
+  try {
+    const w = await idWorld(scope);
+    const peer = await w.login(w.first);
+    const user = own(scope, await connectUser(w.firstPort));
+    const { id } = await peer.nextConnect();
+    await serveAndEcho(scope, peer, id, user, "first use");
+    const replay = await peer.openData(id);
+    own(scope, replay.stream);
+    assert.ok(await closedWithin(replay.stream), "a replayed id was accepted");
+    await w.server.waitFor(
+      new RegExp(
+        `data connection from ${addr(replay.localPort)} refused: unknown, used or expired`,
+      ),
+    );
+    assert.ok(await echoesThrough(user, bytes("still mine")), "the replay disturbed the tunnel");
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("a data-connection id presented after pending_timeout is refused; a new user gets a new id", async () => {
+  const scope = new Scope();
+  try {
+    const w = await idWorld(scope, ["pending_timeout = 1"]);
+    const peer = await w.login(w.first);
+    const user = own(scope, await connectUser(w.firstPort));
+    const { id } = await peer.nextConnect();
+    await w.server.waitFor(
+      new RegExp(`user ${addr(portOf(user))} on service ${w.firstPort} closed: .*did not connect`),
+    );
+    assert.ok(await closedWithin(user), "the expired user was not closed");
+    const late = await peer.openData(id);
+    own(scope, late.stream);
+    assert.ok(await closedWithin(late.stream), "an expired id was accepted");
+    await w.server.waitFor(
+      new RegExp(`data connection from ${addr(late.localPort)} refused: unknown, used or expired`),
+    );
+    const next = own(scope, await connectUser(w.firstPort));
+    const fresh = await peer.nextConnect();
+    assert.notEqual(fresh.id, id);
+    await serveAndEcho(scope, peer, fresh.id, next, "a fresh id");
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("a data-connection id presented with another client's session is refused; its own session still works", async () => {
+  const scope = new Scope();
+  try {
+    const w = await idWorld(scope);
+    const owner = await w.login(w.first);
+    const thief = await w.login(w.second);
+    const user = own(scope, await connectUser(w.firstPort));
+    const { id } = await owner.nextConnect();
+    const stolen = await thief.openData(id); // with the thief's own session token
+    own(scope, stolen.stream);
+    assert.ok(await closedWithin(stolen.stream), "another session's id was accepted");
+    await w.server.waitFor(
+      new RegExp(
+        `data connection from ${addr(stolen.localPort)} refused: id belongs to another session`,
+      ),
+    );
+    await serveAndEcho(scope, owner, id, user, "the owner's tunnel");
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// A user's bytes
+
+Deno.test("a user's garbage, frame-like bytes included, comes back byte-exact from the echo", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope);
+    const parts = [
+      randomBytes(65_536),
+      encodeFrame({
+        type: "hello",
+        version: PROTOCOL_VERSION,
+        name: "foo bar",
+        interval: 1,
+        check: false,
+      }),
+      encodeFrame({ type: "data", version: 1, id: randomId(), session: randomId() }),
+      header(0xffff_ffff),
+      header(0), // what a tunnel's end-of-stream chunk looks like
+      header(MAX_FRAME_BYTES + 1),
+      new Uint8Array([0xff, 0xfe, 0xc0, 0x80, 0xed, 0xa0, 0x80]), // invalid UTF-8
+      new Uint8Array([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]),
+      new Uint8Array(1024), // zeros
+      randomBytes(200_003),
+    ];
+    const payload = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    parts.reduce((at, p) => (payload.set(p, at), at + p.length), 0);
+    const user = own(scope, await connectUser(w.servicePort));
+    assert.ok(await echoesThrough(user, payload), "the bytes did not come back exactly");
+    const port = portOf(user);
+    user.close();
+    const n = payload.length;
+    await w.server.waitFor(
+      new RegExp(`tunnel closed: user ${addr(port)} .*; ${n} bytes up, ${n} bytes down`),
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// TLS on the communication port
+
+/** Runs `openssl s_client` against `port` with `args`; returns its exit code and output. */
+async function sClient(port: number, caPath: string, args: string[]) {
+  const out = await new Deno.Command("openssl", {
+    args: [
+      "s_client",
+      ...args,
+      "-connect",
+      `127.0.0.1:${port}`,
+      "-servername",
+      "localhost",
+      "-CAfile",
+      caPath,
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder();
+  return { code: out.code, stdout: text.decode(out.stdout), stderr: text.decode(out.stderr) };
+}
+
+Deno.test("the communication port refuses TLS 1.1 and speaks TLS 1.2 (openssl s_client)", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope, { client: false });
+    const old = await sClient(w.communicationPort, w.fixture.caPath, [
+      "-tls1_1",
+      "-cipher",
+      "DEFAULT@SECLEVEL=0", // so that it is the server, not openssl, that says no
+    ]);
+    assert.notEqual(old.code, 0, old.stdout);
+    assert.match(old.stdout, /Cipher is \(NONE\)/);
+    assert.match(old.stderr, /alert/, "the server did not answer TLS 1.1 with an alert");
+    const refusal = await w.server.waitFor(/TLS handshake with .* failed/);
+
+    const tls12 = await sClient(w.communicationPort, w.fixture.caPath, ["-tls1_2"]);
+    assert.equal(tls12.code, 0, tls12.stderr);
+    assert.match(tls12.stdout, /Protocol\s*: TLSv1\.2/);
+    assert.match(tls12.stdout, /Verify return code: 0 \(ok\)/);
+    // The refusal is logged with the address it came from.
+    assert.match(refusal, /TLS handshake with "?127\.0\.0\.1:\d+"? failed/);
+  } finally {
+    await scope.close();
+  }
+});
+
+/** A CA made with openssl that issues server certificates, in its own directory. */
+class OpensslCa {
+  private constructor(readonly dir: string) {}
+
+  get caPath(): string {
+    return `${this.dir}/ca.pem`;
+  }
+
+  static async create(fixture: Fixture, name: string): Promise<OpensslCa> {
+    const dir = fixture.path(name);
+    await Deno.mkdir(`${dir}/issued`, { recursive: true });
+    await Deno.writeTextFile(`${dir}/index.txt`, "");
+    await Deno.writeTextFile(`${dir}/serial`, "1000\n");
+    await Deno.writeTextFile(
+      `${dir}/openssl.cnf`,
+      `[ req ]
+distinguished_name = dn
+prompt = no
+[ dn ]
+CN = unused
+[ ca_ext ]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[ ca ]
+default_ca = this
+[ this ]
+database = ${dir}/index.txt
+new_certs_dir = ${dir}/issued
+certificate = ${dir}/ca.pem
+private_key = ${dir}/ca.key
+serial = ${dir}/serial
+default_md = sha256
+policy = any
+unique_subject = no
+[ any ]
+commonName = supplied
+`,
+    );
+    await sh("openssl", [
+      "req",
+      "-x509",
+      "-config",
+      "openssl.cnf",
+      "-extensions",
+      "ca_ext",
+      "-newkey",
+      "ec",
+      "-pkeyopt",
+      "ec_paramgen_curve:P-256",
+      "-nodes",
+      "-keyout",
+      "ca.key",
+      "-out",
+      "ca.pem",
+      "-days",
+      "30",
+      "-subj",
+      `/CN=${name} CA`,
+    ], dir);
+    return new OpensslCa(dir);
+  }
+
+  /**
+   * Issues a server certificate for `san` (e.g. `DNS:localhost,IP:127.0.0.1`), valid from
+   * `start` to `end` (openssl's YYYYMMDDHHMMSSZ; default: now for 30 days). Returns the
+   * certificate and key paths.
+   */
+  async issue(
+    file: string,
+    san: string,
+    dates?: { start: string; end: string },
+  ): Promise<[string, string]> {
+    const [cert, key, csr, ext] = ["crt.pem", "key.pem", "csr", "ext"].map((x) =>
+      `${this.dir}/${file}.${x}`
+    );
+    await Deno.writeTextFile(
+      ext,
+      `basicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n` +
+        `extendedKeyUsage = serverAuth\nsubjectAltName = ${san}\n`,
+    );
+    await sh("openssl", [
+      "req",
+      "-new",
+      "-config",
+      "openssl.cnf",
+      "-newkey",
+      "ec",
+      "-pkeyopt",
+      "ec_paramgen_curve:P-256",
+      "-nodes",
+      "-keyout",
+      key,
+      "-out",
+      csr,
+      "-subj",
+      `/CN=${file}`,
+    ], this.dir);
+    await Deno.chmod(key, 0o600);
+    const validity = dates ? ["-startdate", dates.start, "-enddate", dates.end] : ["-days", "30"];
+    await sh("openssl", [
+      "ca",
+      "-batch",
+      "-config",
+      "openssl.cnf",
+      "-notext",
+      "-in",
+      csr,
+      "-out",
+      cert,
+      "-extfile",
+      ext,
+      ...validity,
+    ], this.dir);
+    return [cert, key];
+  }
+}
+
+/**
+ * Runs a one-shot client (`infinite = false`) of `identity` against `communicationPort` with
+ * `cafile`; returns its exit code and stderr lines.
+ */
+async function oneShot(
+  fixture: Fixture,
+  identity: Identity,
+  communicationPort: number,
+  cafile: string,
+) {
+  const file = await fixture.write(
+    `client-${crypto.randomUUID()}.toml`,
+    clientToml({ identity, communicationPort, cafile, infinite: false }),
+  );
+  const { code, stderr } = await runScript("client.ts", ["--config", file]);
+  return { code, lines: stderr.split("\n").filter((l) => l.trim() !== "") };
+}
+
+/** A server presenting `certificate`; the fixture's identity "foo bar" may log in. */
+async function serverPresenting(scope: Scope, certificate: [string, string]) {
+  const fixture = await fixtureIn(scope);
+  const identity = await fixture.identity("foo bar");
+  const communicationPort = freePort();
+  await serverWith(scope, fixture, {
+    communicationPort,
+    clients: [identity],
+    services: [],
+    certificate,
+  });
+  return { fixture, identity, communicationPort };
+}
+
+/** Asserts a client's failure was one clear line matching `pattern`, and a non-zero exit. */
+function oneClearLine(result: { code: number; lines: string[] }, pattern: RegExp): void {
+  assert.notEqual(result.code, 0, result.lines.join("\n"));
+  assert.equal(result.lines.length, 1, `expected one line, got:\n${result.lines.join("\n")}`);
+  assert.match(result.lines[0], pattern);
+}
+
+Deno.test("the client accepts an openssl certificate from its cafile and refuses one from another CA", async () => {
+  const scope = new Scope();
+  try {
+    const pki = await fixtureIn(scope);
+    const trusted = await OpensslCa.create(pki, "trusted");
+    const stranger = await OpensslCa.create(pki, "stranger");
+    const w = await serverPresenting(
+      scope,
+      await stranger.issue("server", "DNS:localhost,IP:127.0.0.1"),
+    );
+    oneClearLine(
+      await oneShot(w.fixture, w.identity, w.communicationPort, trusted.caPath),
+      /presented a certificate not signed by cafile/,
+    );
+    const ok = await oneShot(w.fixture, w.identity, w.communicationPort, stranger.caPath);
+    assert.equal(ok.code, 0, ok.lines.join("\n"));
+    assert.match(ok.lines.join("\n"), /connected to .* as "?foo bar/);
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("the client refuses an expired server certificate with one clear line", async () => {
+  const scope = new Scope();
+  try {
+    const pki = await fixtureIn(scope);
+    const ca = await OpensslCa.create(pki, "ca");
+    const w = await serverPresenting(
+      scope,
+      await ca.issue("expired", "DNS:localhost,IP:127.0.0.1", {
+        start: "20200101000000Z",
+        end: "20200201000000Z",
+      }),
+    );
+    oneClearLine(
+      await oneShot(w.fixture, w.identity, w.communicationPort, ca.caPath),
+      /certificate is expired or not yet valid/,
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("the client refuses a server certificate for another name with one clear line", async () => {
+  const scope = new Scope();
+  try {
+    const pki = await fixtureIn(scope);
+    const ca = await OpensslCa.create(pki, "ca");
+    const w = await serverPresenting(scope, await ca.issue("other", "DNS:other.example"));
+    oneClearLine(
+      await oneShot(w.fixture, w.identity, w.communicationPort, ca.caPath),
+      /certificate is not valid for the name "localhost"/,
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("a remote that speaks plain TCP, not TLS, gets one clear line from the client", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const echo = echoIn(scope); // answers the ClientHello with itself
+    const banner = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    scope.defer(() => banner.close());
+    (async () => {
+      for await (const conn of banner) {
+        await conn.write(bytes("SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")).catch(() => {});
+        conn.readable.cancel().catch(() => {}); // hangs up once the client does
+      }
+    })().catch(() => {});
+    const results = [
+      await oneShot(fixture, identity, echo.port, fixture.caPath),
+      await oneShot(fixture, identity, (banner.addr as Deno.NetAddr).port, fixture.caPath),
+    ];
+    const unclear = results.filter((r) => {
+      try {
+        oneClearLine(r, /does not speak TLS/);
+        return false;
+      } catch {
+        return true;
+      }
+    });
+    assert.deepEqual(
+      unclear.map((r) => r.lines),
+      [],
+      "each should be one line: does not speak TLS",
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("no client config key turns off certificate verification: such keys are unknown", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const base = clientText(identity, freePort());
+    const known = "name, remote, cafile, key, interval, infinite, shutdown_grace, allow, log_level";
+    for (const line of ["insecure = true", "verify = false", "tls_verify = false"]) {
+      const file = await fixture.write("client.toml", `${base}${line}\n`);
+      const { code, stderr } = await runScript("client.ts", ["--config", file]);
+      assert.notEqual(code, 0, stderr);
+      const key = line.split(" ")[0];
+      assert.equal(
+        errorLine(stderr, "natadm-client"),
+        `natadm-client: error: ${file}: ${key}: unknown key (expected one of: ${known})`,
+      );
+    }
+    // And the CA is not optional.
+    const file = await fixture.write("client.toml", base.replace(/^cafile = .*\n/m, ""));
+    const { code, stderr } = await runScript("client.ts", ["--config", file]);
+    assert.notEqual(code, 0, stderr);
+    assert.match(errorLine(stderr, "natadm-client"), /: cafile: required/);
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Source allow lists (allow_from)
+
+/** Connects from `localAddress` with node:net, sends `payload`, returns what came back. */
+function exchangeFrom(
+  localAddress: string,
+  port: number,
+  payload: Uint8Array,
+): Promise<Uint8Array> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let got = 0;
+    const socket = net.connect({ host: "127.0.0.1", port, localAddress });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`no echo within ${DEADLINE_MS} ms from ${localAddress}`));
+    }, DEADLINE_MS);
+    socket.on("connect", () => socket.write(payload));
+    socket.on("data", (data: Buffer) => {
+      chunks.push(data);
+      got += data.length;
+      if (got >= payload.length) {
+        clearTimeout(timer);
+        socket.destroy();
+        resolve(new Uint8Array(Buffer.concat(chunks)));
+      }
+    });
+    socket.on("error", (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    socket.on("close", () => {
+      clearTimeout(timer);
+      if (got < payload.length) reject(new Error(`closed after ${got} bytes`));
+    });
+  });
+}
+
+Deno.test("allow_from: a user from outside it is closed at accept and never reaches the client; one from inside is served", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const identity = await fixture.identity("foo bar");
+    const echo = echoIn(scope);
+    const communicationPort = freePort();
+    const servicePort = freePort();
+    const { server } = await serverWith(scope, fixture, {
+      communicationPort,
+      clients: [identity],
+      services: [{
+        port: servicePort,
+        name: identity.name,
+        targetPort: echo.port,
+        allowFrom: ["127.0.0.2/32"],
+      }],
+    });
+    const client = await scope.client(
+      await fixture.write("client.toml", clientText(identity, communicationPort)),
+    );
+    const outsider = own(scope, await connectUser(servicePort));
+    assert.ok(await closedWithin(outsider), "a user outside allow_from was served");
+    await server.waitFor(
+      new RegExp(
+        `user ${addr(portOf(outsider))} on service ${servicePort} refused: ` +
+          `"?address not in allow_from`,
+      ),
+    );
+    assert.equal(client.count(/tunnel open/), 0, client.lines.join("\n"));
+    assert.equal(server.count(/tunnel open/), 0, server.lines.join("\n"));
+    assert.equal(echo.accepted, 0);
+
+    const payload = bytes("from 127.0.0.2");
+    assert.deepEqual(await exchangeFrom("127.0.0.2", servicePort, payload), payload);
+    await client.waitFor(/tunnel open: user "?127\.0\.0\.2:/);
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("allow_from over IPv6: ::1/128 admits a user from ::1, 2001:db8::/32 turns it away", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope, ["localhost", "127.0.0.1", "::1"]);
+    const identity = await fixture.identity("foo bar");
+    const echo = echoIn(scope);
+    const communicationPort = freePort();
+    const [inPort, outPort] = [freePort(), freePort()];
+    const { server } = await serverWith(scope, fixture, {
+      communicationPort,
+      listenHost: "::1",
+      clients: [identity],
+      services: [
+        { port: inPort, name: identity.name, targetPort: echo.port, allowFrom: ["::1/128"] },
+        {
+          port: outPort,
+          name: identity.name,
+          targetPort: echo.port,
+          allowFrom: ["2001:db8::/32"],
+        },
+      ],
+    });
+    await scope.client(
+      await fixture.write(
+        "client.toml",
+        clientText(identity, communicationPort, undefined, "::1"),
+      ),
+    );
+    const outsider = own(scope, await Deno.connect({ hostname: "::1", port: outPort }));
+    assert.ok(await closedWithin(outsider), "a user outside 2001:db8::/32 was served");
+    await server.waitFor(
+      new RegExp(
+        `user "?\\[::1\\]:${portOf(outsider)}"? on service ${outPort} refused: ` +
+          `"?address not in allow_from`,
+      ),
+    );
+    const insider = own(scope, await Deno.connect({ hostname: "::1", port: inPort }));
+    assert.ok(await echoesThrough(insider, bytes("over IPv6")), "a user from ::1 was not served");
+    assert.equal(echo.accepted, 1);
+  } finally {
+    await scope.close();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Rotation, as SECURITY.md describes it: files replaced in place, then SIGHUP
+
+/** Starts the server under exactly its printed flags, as SECURITY.md tells production to. */
+async function strictServer(scope: Scope, file: string) {
+  const flags = (await printedFlags("server.ts", file)).split(" ");
+  const server = scope.spawn("server.ts", ["--config", file], flags);
+  await server.waitFor(/NATadm server ready/);
+  return server;
+}
+
+/** Rewrites the server config with `text`, sends SIGHUP, and waits for the reload. */
+async function reloadWith(server: Program, file: string, text: string): Promise<void> {
+  const before = server.count(/configuration reloaded/);
+  await Deno.writeTextFile(file, text);
+  server.kill("SIGHUP");
+  await waitUntil(
+    () => server.count(/configuration reloaded/) > before,
+    `a reload:\n${server.lines.join("\n")}`,
+  );
+}
+
+Deno.test("rotating a client key: after SIGHUP the old key is refused and the new one logs in, under exact flags", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const old = await fixture.identity("foo bar");
+    const fresh = await fixture.identity("foo bar");
+    const communicationPort = freePort();
+    const config = (identity: Identity) =>
+      fullServerToml({ communicationPort, clients: [identity], services: [] });
+    const file = await fixture.write("server.toml", config(old));
+    const server = await strictServer(scope, file);
+    const caPem = await Deno.readTextFile(fixture.caPath);
+    const login = async (identity: Identity) => {
+      const attempt = await attemptLogin({
+        port: communicationPort,
+        caPem,
+        name: identity.name,
+        keyPath: identity.keyPath,
+      });
+      attempt.dialed.stream.close();
+      return attempt.reply?.type;
+    };
+    assert.equal(await login(old), "welcome");
+    await reloadWith(server, file, config(fresh));
+    assert.equal(await login(old), "refused");
+    assert.equal(await login(fresh), "welcome");
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("rotating a client key out closes the session that logged in with it", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const stolen = await fixture.identity("foo bar");
+    const fresh = await fixture.identity("foo bar");
+    const communicationPort = freePort();
+    const servicePort = freePort();
+    const config = (identity: Identity) =>
+      fullServerToml({
+        communicationPort,
+        clients: [identity],
+        services: [{ port: servicePort, name: identity.name, targetPort: 7 }],
+      });
+    const file = await fixture.write("server.toml", config(stolen));
+    const server = await scope.server(file);
+    const caPem = await Deno.readTextFile(fixture.caPath);
+    // Whoever holds the stolen key is logged in when the admin rotates it.
+    const thief = own(scope, await Peer.login(communicationPort, caPem, stolen));
+    await reloadWith(server, file, config(fresh));
+    assert.ok(
+      await closedWithin(thief.dialed.stream, 5_000),
+      "the session of a key that is no longer configured is still open after the reload",
+    );
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("a server certificate replaced in place is presented after SIGHUP; a cafile with both CAs trusts either", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await fixtureIn(scope);
+    const next = await fixtureIn(scope); // a new CA and a certificate from it
+    const identity = await fixture.identity("foo bar");
+    const communicationPort = freePort();
+    const text = fullServerToml({ communicationPort, clients: [identity], services: [] });
+    const file = await fixture.write("server.toml", text);
+    const server = await strictServer(scope, file);
+    const bundle = await fixture.write(
+      "both.ca.pem",
+      (await Deno.readTextFile(fixture.caPath)) + (await Deno.readTextFile(next.caPath)),
+    );
+    const check = (cafile: string) => oneShot(fixture, identity, communicationPort, cafile);
+
+    // Step 1 of a CA rotation: clients get a cafile with both CAs, and still connect.
+    assert.equal((await check(bundle)).code, 0);
+    // Step 2: the server's files are replaced in place, and SIGHUP applies them.
+    for (const name of [CERT_FILES.cert, CERT_FILES.key]) {
+      await Deno.writeTextFile(fixture.path(name), await Deno.readTextFile(next.path(name)));
+    }
+    await reloadWith(server, file, text);
+    oneClearLine(await check(fixture.caPath), /not signed by cafile/);
+    assert.equal((await check(next.caPath)).code, 0);
+    assert.equal((await check(bundle)).code, 0);
+  } finally {
+    await scope.close();
+  }
+});
