@@ -120,7 +120,7 @@ function parseUnit(text: string): Map<string, string[]> {
 }
 
 for (const [program, script] of [["server", "server.ts"], ["client", "client.ts"]] as const) {
-  Deno.test(`contrib/systemd/natadm-${program}.service runs sandboxed with two permissions`, async () => {
+  Deno.test(`contrib/systemd/natadm-${program}.service runs sandboxed with exactly its config's permissions`, async () => {
     const unit = parseUnit(await Deno.readTextFile(join(UNITS, `natadm-${program}.service`)));
     const one = (key: string) => {
       assert.equal(unit.get(key)?.length, 1, `${key}= once`);
@@ -140,11 +140,16 @@ for (const [program, script] of [["server", "server.ts"], ["client", "client.ts"
     ) {
       assert.equal(one(key), value, key);
     }
-    const exec = one("ExecStart").split(/\s+/);
-    assert.match(exec[0], /^\/.*\/deno$/);
-    assert.deepEqual(exec.slice(1, 4), ["run", "--allow-net", "--allow-read"]);
-    assert.equal(exec.filter((a) => a.startsWith("--allow") || a === "-A").length, 2);
-    assert(exec[4].endsWith(`/${script}`), exec[4]);
+    // The program runs with exactly the flags its config needs: the inner `deno run` only
+    // reads the config to print them, and nothing is granted broadly.
+    const exec = one("ExecStart");
+    const inner =
+      /^\/bin\/sh -c 'exec (\S+\/deno) run \$\$\((\S+\/deno) run --allow-read (\S+) --config (\S+) --print-permissions\) (\S+) --config (\S+)'$/
+        .exec(exec);
+    assert(inner, exec);
+    assert(inner[3].endsWith(`/${script}`) && inner[5] === inner[3], exec);
+    assert.equal(inner[4], inner[6]);
+    assert.doesNotMatch(exec, /--allow-net|--allow-all|\s-A\s/);
     if (program === "server") {
       assert.equal(one("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
       // Ambient capabilities must be in the bounding set, so that holds exactly this one.
@@ -212,19 +217,24 @@ Deno.test("the units' ExecStart lines, pointed at a test config, run a working s
       "client.toml",
       clientToml({ identity, communicationPort }),
     );
+    // The unit's ExecStart as systemd would run it ("$$" is a literal "$"), with its paths
+    // pointed at this checkout, this Deno and the test's configs.
     const command = async (program: string, config: string) => {
       const unit = parseUnit(await Deno.readTextFile(join(UNITS, `natadm-${program}.service`)));
-      const [, ...args] = unit.get("ExecStart")![0].split(/\s+/);
-      return args.map((a) =>
-        a.replace("/opt/natadm/", ROOT).replace(`/etc/natadm/${program}.toml`, config)
-      );
+      const line = unit.get("ExecStart")![0];
+      const script = /^\/bin\/sh -c '(.*)'$/.exec(line)![1]
+        .replaceAll("$$", "$")
+        .replaceAll("/usr/local/bin/deno", Deno.execPath())
+        .replaceAll("/opt/natadm/", ROOT)
+        .replaceAll(`/etc/natadm/${program}.toml`, config);
+      return ["-c", script];
     };
     // The unit's Environment (DENO_DIR aside: this test keeps Deno's usual cache).
     const env = { NO_COLOR: "1" };
-    const server = new Spawned(Deno.execPath(), await command("server", serverConfig), env);
+    const server = new Spawned("/bin/sh", await command("server", serverConfig), env);
     spawned.push(server);
     await server.waitFor(/NATadm server ready/);
-    const client = new Spawned(Deno.execPath(), await command("client", clientConfig), env);
+    const client = new Spawned("/bin/sh", await command("client", clientConfig), env);
     spawned.push(client);
     await client.waitFor(/connected to .* as/);
     const user = await connectUser(servicePort);
