@@ -155,11 +155,17 @@ export class SocketStream implements Stream {
       if (this.#ended) return null;
       await new Promise<void>((resolve) => this.#wake = resolve);
     }
-    const head = this.#chunks[0];
-    const n = Math.min(head.length, p.length);
-    p.set(head.subarray(0, n));
-    if (n === head.length) this.#chunks.shift();
-    else this.#chunks[0] = head.subarray(n);
+    // Gather every queued chunk that fits: the socket delivers TLS-record-sized pieces, and
+    // one large read means one large write downstream instead of many small ones.
+    let n = 0;
+    while (n < p.length && this.#chunks.length > 0) {
+      const head = this.#chunks[0];
+      const take = Math.min(head.length, p.length - n);
+      p.set(head.subarray(0, take), n);
+      n += take;
+      if (take === head.length) this.#chunks.shift();
+      else this.#chunks[0] = head.subarray(take);
+    }
     this.#buffered -= n;
     if (this.#paused && this.#buffered < NODE_READ_HIGH_WATER / 2) {
       this.#paused = false;
