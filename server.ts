@@ -6,6 +6,7 @@ import { die, onShutdown, parseCommon } from "./src/cli.ts";
 import { ConfigError, loadServerConfig } from "./src/config.ts";
 import { log, setupLogging } from "./src/log.ts";
 import { Server } from "./src/server.ts";
+import { dirname } from "node:path";
 import { serverPermissions } from "./src/permissions.ts";
 import { startStatusServer, statusUrl } from "./src/status.ts";
 
@@ -22,6 +23,7 @@ port of [services], bridging every user to the named client's port.
       --watch-config    reload the config when its file changes (SIGHUP always reloads)
       --print-permissions
                         print the exact Deno permission flags this config needs, and exit
+                        (with --watch-config: including the config's directory)
   -h, --help            show this help
   -V, --version         show the version
 
@@ -37,7 +39,7 @@ const config = await loadServerConfig(options.config).catch((err) =>
   die("natadm-server", err instanceof ConfigError ? err.message : String(err))
 );
 if (options.flags.has("print-permissions")) {
-  console.log(serverPermissions(config).join(" "));
+  console.log(serverPermissions(config, options.flags.has("watch-config")).join(" "));
   Deno.exit(0);
 }
 await setupLogging(options.logLevel ?? config.logLevel ?? "info", options.logFormat);
@@ -75,8 +77,11 @@ Deno.addSignalListener("SIGHUP", reload);
 if (options.flags.has("watch-config")) {
   (async () => {
     let timer: ReturnType<typeof setTimeout> | undefined;
-    for await (const _ of Deno.watchFs(config.file)) {
-      // Editors write a file in several steps: reload once it has settled.
+    // Watch the directory, not the file: editors and config tools save by writing a new file
+    // and renaming it over the old one, which would end a watch on the file itself.
+    for await (const event of Deno.watchFs(dirname(config.file), { recursive: false })) {
+      if (!event.paths.some((p) => p === config.file)) continue;
+      // A save comes as several events: reload once it has settled.
       clearTimeout(timer);
       timer = setTimeout(reload, 200);
     }

@@ -292,8 +292,8 @@ export class Client {
    * Keeps a standby data connection for session `token`, opening one if `stream` is not
    * given. The server hands it the next user at once, so that user's first byte waits for no
    * round trip and no TLS handshake. After each tunnel that ends cleanly it goes back to the
-   * pool, which grows with demand up to {@link MAX_IDLE_STANDBY} and shrinks back to
-   * {@link STANDBY_CONNECTIONS} as the server's pings find it idle.
+   * pool, which grows with demand up to {@link MAX_IDLE_STANDBY}; the server, which hands them
+   * out, closes the surplus when it finds the pool idle.
    */
   async #standby(token: string, control: FramedStream, stream?: Stream): Promise<void> {
     if (!stream) {
@@ -316,7 +316,6 @@ export class Client {
           if (message === null) break;
           if (message.type === "connect") request = message;
           else if (message.type !== "ping") throw new Error(`unexpected "${message.type}"`);
-          else if (this.#idle.size > STANDBY_CONNECTIONS) break; // demand has passed
         }
       } catch {
         // Closed with its session, silent too long, or broken: nothing to serve.

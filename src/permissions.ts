@@ -3,14 +3,18 @@
  * grant nothing more: Deno itself then refuses any other connection or file.
  * @module
  */
+import { dirname } from "node:path";
 import type { ClientConfig, ServerConfig } from "./config.ts";
 
 function netHost(host: string): string {
   return host.includes(":") ? `[${host}]` : host;
 }
 
-/** Flags for the server: listen on its ports (nothing outbound), read its config and certs. */
-export function serverPermissions(config: ServerConfig): string[] {
+/**
+ * Flags for the server: listen on its ports (nothing outbound), read its config and certs, and
+ * with `watch` (for `--watch-config`) the config's directory, which the watch needs.
+ */
+export function serverPermissions(config: ServerConfig, watch = false): string[] {
   const host = netHost(config.listenHost);
   const listen = [config.communicationPort, ...config.services.map((s) => s.port)].map((p) =>
     `${host}:${p}`
@@ -18,7 +22,7 @@ export function serverPermissions(config: ServerConfig): string[] {
   if (config.status) listen.push(`${netHost(config.status.host)}:${config.status.port}`);
   return [
     `--allow-net=${listen.join(",")}`,
-    `--allow-read=${[config.file, ...config.readFiles].join(",")}`,
+    `--allow-read=${[watch ? dirname(config.file) : config.file, ...config.readFiles].join(",")}`,
   ];
 }
 

@@ -501,6 +501,10 @@ export class ChunkStream implements Stream {
     return this.#inner.write(new Uint8Array(4));
   }
 
+  isClosed(): boolean {
+    return this.#inner.isClosed();
+  }
+
   close(): void {
     this.#inner.close();
   }

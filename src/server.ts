@@ -20,6 +20,7 @@ import {
   NONCE_BYTES,
   PROTOCOL_VERSION,
   SESSION_TOKEN_BYTES,
+  STANDBY_CONNECTIONS,
   STANDBY_PING_MS,
   TUNNEL_ID_BYTES,
 } from "./protocol.ts";
@@ -127,6 +128,9 @@ class Session {
     // Idle standby connections hear from us now and then, so the client can tell a live one
     // from one a NAT box forgot; a write that fails drops it here.
     this.#standbyPing = setInterval(() => {
+      // The pool shrinks back after a burst here, on the side that hands connections out, so
+      // no user can be given one the client is closing at that moment.
+      while (this.standby.length > STANDBY_CONNECTIONS) this.standby.shift()!.close();
       for (const stream of [...this.standby]) {
         new FramedStream(stream).send({ type: "ping" }).catch(() => {
           const at = this.standby.indexOf(stream);
@@ -135,6 +139,15 @@ class Session {
         });
       }
     }, STANDBY_PING_MS);
+  }
+
+  /** The oldest idle standby connection still open, if any; dead ones are dropped. */
+  takeStandby(): Stream | undefined {
+    for (let stream = this.standby.shift(); stream; stream = this.standby.shift()) {
+      if (!stream.isClosed()) return stream;
+      stream.close();
+    }
+    return undefined;
   }
 
   /** Tells the client why (best effort, bounded by the socket) and closes. */
@@ -448,7 +461,7 @@ export class Server {
     queue.push(pending);
     this.#waiting.set(service.name, queue);
     const session = this.#sessions.get(service.name);
-    const standby = session?.standby.shift();
+    const standby = session?.takeStandby();
     if (standby) {
       this.#forget(pending);
       this.#useStandby(pending, standby);

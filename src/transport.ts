@@ -32,6 +32,8 @@ export interface Stream {
   closeWrite(): Promise<void>;
   /** Closes both directions at once. Safe to call more than once. */
   close(): void;
+  /** Whether the stream is known to be over (closed here, or ended or failed at the peer). */
+  isClosed(): boolean;
 }
 
 /** Bytes a writer leaves free before its payload for {@link Stream.writeWithHeadroom}. */
@@ -77,6 +79,10 @@ export class ConnStream implements Stream {
 
   async closeWrite(): Promise<void> {
     await this.#conn.closeWrite();
+  }
+
+  isClosed(): boolean {
+    return this.#closed;
   }
 
   close(): void {
@@ -189,6 +195,10 @@ export class SocketStream implements Stream {
   closeWrite(): Promise<void> {
     if (this.#socket.destroyed || this.#socket.writableEnded) return Promise.resolve();
     return new Promise((resolve) => this.#socket.end(() => resolve()));
+  }
+
+  isClosed(): boolean {
+    return this.#ended || this.#error !== undefined || this.#socket.destroyed;
   }
 
   close(): void {
