@@ -35,8 +35,8 @@ const logger = log("server");
 interface PendingUser {
   user: Stream;
   service: ServiceConfig;
-  /** Closes the user when nobody serves it in time. */
-  timer: ReturnType<typeof setTimeout>;
+  /** Closes the user when nobody serves it in time; none once handed to a standby connection. */
+  timer?: ReturnType<typeof setTimeout>;
   /** The one-time id currently issued for it, if any. */
   id?: string;
   /** Token of the session that id was issued to: the data connection must present it. */
@@ -179,6 +179,8 @@ export class Server {
   #viaStandby = new Map<string, PendingUser>();
   #tunnels = new Map<TunnelInfo, { user: Stream; data: Stream; counts: BridgeResult }>();
   #tunnelSeq = 0;
+  /** Live tunnels per client name, for max_tunnels_per_client. */
+  #liveByClient = new Map<string, number>();
   /** Called when the last live tunnel closes, during a graceful shutdown. */
   #onDrained: (() => void) | undefined;
   #totals = new Map<number, ServiceTotals>();
@@ -442,30 +444,32 @@ export class Server {
     if (service.allowFrom && !service.allowFrom.has(user.remoteIp)) {
       return turnAway("address not in allow_from");
     }
-    const waiting = (this.#waiting.get(service.name) ?? []).filter((p) =>
-      p.service.port === service.port
-    );
-    if (waiting.length >= this.#config.maxPendingUsers) {
-      return turnAway(`${waiting.length} users already wait (max_pending_users)`);
+    const queue = this.#waiting.get(service.name);
+    // Counted only when a queue exists: with the client connected there is none, and the hot
+    // path stays free of scans.
+    const waiting = queue ? queue.filter((p) => p.service.port === service.port).length : 0;
+    if (waiting >= this.#config.maxPendingUsers) {
+      return turnAway(`${waiting} users already wait (max_pending_users)`);
     }
-    const live = [...this.#tunnels.keys()].filter((t) => t.client === service.name).length;
+    const live = this.#liveByClient.get(service.name) ?? 0;
     if (live >= this.#config.maxTunnelsPerClient) {
       return turnAway(`client ${service.name} has ${live} live tunnels (max_tunnels_per_client)`);
+    }
+    const session = this.#sessions.get(service.name);
+    const standby = session?.takeStandby();
+    if (standby) {
+      // The usual case: a connection is ready, so the user never waits in a queue.
+      this.#useStandby({ user, service }, standby);
+      return;
     }
     const pending: PendingUser = {
       user,
       service,
       timer: setTimeout(() => this.#expire(pending), this.#config.pendingTimeout * 1000),
     };
-    const queue = this.#waiting.get(service.name) ?? [];
-    queue.push(pending);
-    this.#waiting.set(service.name, queue);
-    const session = this.#sessions.get(service.name);
-    const standby = session?.takeStandby();
-    if (standby) {
-      this.#forget(pending);
-      this.#useStandby(pending, standby);
-    } else if (session) {
+    if (queue) queue.push(pending);
+    else this.#waiting.set(service.name, [pending]);
+    if (session) {
       this.#issue(pending, session);
     } else {
       logger.info("user {user} on service {port} waits for client {client}", {
@@ -775,8 +779,12 @@ export class Server {
       target: `${service.host}:${service.targetPort}`,
     });
     this.#tunnels.set(info, { user, data, counts });
+    this.#liveByClient.set(service.name, (this.#liveByClient.get(service.name) ?? 0) + 1);
     const result = await bridge(user, new ChunkStream(data), counts, true);
     this.#tunnels.delete(info);
+    const left = this.#liveByClient.get(service.name)! - 1;
+    if (left > 0) this.#liveByClient.set(service.name, left);
+    else this.#liveByClient.delete(service.name);
     if (this.#tunnels.size === 0) this.#onDrained?.();
     const totals = this.#totalsOf(service.port);
     totals.tunnels++;

@@ -106,6 +106,12 @@ function tcpHandle(socket: Socket): { readStop(): void; readStart(): void } | un
   return (socket as any)._handle?._nativeTcpHandle;
 }
 
+/** The TCP socket under a Deno `node:tls` server socket, if the runtime exposes it. */
+function parentOf(socket: Socket): Socket | undefined {
+  // deno-lint-ignore no-explicit-any
+  return (socket as any)._parent;
+}
+
 /** A `node:net`/`node:tls` socket as a {@link Stream}, with bounded read buffering. */
 export class SocketStream implements Stream {
   readonly remote: string;
@@ -144,6 +150,13 @@ export class SocketStream implements Stream {
       this.#notify();
     });
     socket.on("close", () => {
+      this.#ended = true;
+      this.#notify();
+    });
+    // A peer that ends right after its handshake can have its end of stream consumed before
+    // we get the socket: see it here, and on the TCP socket underneath, whose close is final.
+    if (socket.readableEnded || socket.destroyed) this.#ended = true;
+    parentOf(socket)?.once("close", () => {
       this.#ended = true;
       this.#notify();
     });
@@ -203,6 +216,8 @@ export class SocketStream implements Stream {
 
   close(): void {
     this.#socket.destroy();
+    // Destroying the TLS socket alone can leave the TCP connection open in Deno's node:tls.
+    parentOf(this.#socket)?.destroy();
   }
 }
 
@@ -299,8 +314,7 @@ export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
   });
   server.on("tlsClientError", (err: Error, socket: tls.TLSSocket) => {
     // Before the handshake completes, Deno's TLS socket knows the address only via its parent.
-    // deno-lint-ignore no-explicit-any
-    const raw = (socket as any)._parent as Socket | undefined;
+    const raw = parentOf(socket);
     const host = socket.remoteAddress ?? raw?.remoteAddress ?? "?";
     const remote = `${host.includes(":") ? `[${host}]` : host}:${
       socket.remotePort ?? raw?.remotePort
