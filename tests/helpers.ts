@@ -402,9 +402,9 @@ export async function connectUser(port: number): Promise<Deno.TcpConn> {
   return conn;
 }
 
-/** Reads exactly `n` bytes or throws at end of stream / deadline. */
+/** Reads exactly `n` bytes or throws at end of stream / deadline (closing `conn` then). */
 export async function readExactly(
-  conn: Deno.Conn,
+  conn: { read(p: Uint8Array): Promise<number | null>; close(): void },
   n: number,
   timeoutMs = DEADLINE_MS,
 ): Promise<Uint8Array<ArrayBuffer>> {

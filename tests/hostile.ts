@@ -20,7 +20,7 @@ import {
   type Welcome,
 } from "../src/protocol.ts";
 import { ConnStream, type Stream } from "../src/transport.ts";
-import { DEADLINE_MS, type Identity } from "./helpers.ts";
+import { DEADLINE_MS, type Identity, readExactly } from "./helpers.ts";
 
 /** A TLS connection to the communication port, with the local port for matching log lines. */
 export interface Dialed {
@@ -76,25 +76,13 @@ export async function closedWithin(
   }
 }
 
-/** Reads exactly `n` bytes from a {@link Stream}, or throws at its end or the deadline. */
-export async function readStream(
+/** Reads exactly `n` bytes from a NATadm stream, or throws at its end or the deadline. */
+export function readStream(
   stream: Stream,
   n: number,
   timeoutMs = DEADLINE_MS,
 ): Promise<Uint8Array> {
-  const out = new Uint8Array(n);
-  let got = 0;
-  const timer = setTimeout(() => stream.close(), timeoutMs);
-  try {
-    while (got < n) {
-      const r = await stream.read(out.subarray(got));
-      if (r === null) throw new Error(`stream ended after ${got} of ${n} bytes`);
-      got += r;
-    }
-  } finally {
-    clearTimeout(timer);
-  }
-  return out;
+  return readExactly(stream, n, timeoutMs);
 }
 
 /**
