@@ -156,10 +156,13 @@ export class SocketStream implements Stream {
     // A peer that ends right after its handshake can have its end of stream consumed before
     // we get the socket: see it here, and on the TCP socket underneath, whose close is final.
     if (socket.readableEnded || socket.destroyed) this.#ended = true;
-    parentOf(socket)?.once("close", () => {
-      this.#ended = true;
-      this.#notify();
-    });
+    const parent = parentOf(socket);
+    for (const event of ["end", "close"]) {
+      parent?.once(event, () => {
+        this.#ended = true;
+        this.#notify();
+      });
+    }
   }
 
   #notify(): void {
