@@ -111,6 +111,10 @@ export interface ServiceSpec {
   port: number;
   name: string;
   targetPort: number;
+  /** The service's `host` key, if set. */
+  host?: string;
+  /** The service's `allow_from` key, if set. */
+  allowFrom?: string[];
 }
 
 /** Server config text for a fixture. */
@@ -118,12 +122,18 @@ export function serverToml(options: {
   communicationPort: number;
   clients: Identity[];
   services: ServiceSpec[];
+  /** `listen_host` (default 127.0.0.1). */
+  listenHost?: string;
+  /** Certificate and key files (default: the fixture's). */
+  certificate?: [string, string];
+  /** Top-level lines added as they are. */
   extra?: string;
 }): string {
+  const [cert, key] = options.certificate ?? [CERT_FILES.cert, CERT_FILES.key];
   const lines = [
     `communication_port = ${options.communicationPort}`,
-    `communication_server_certificate = ["${CERT_FILES.cert}", "${CERT_FILES.key}"]`,
-    `listen_host = "127.0.0.1"`,
+    `communication_server_certificate = ${JSON.stringify([cert, key])}`,
+    `listen_host = ${JSON.stringify(options.listenHost ?? "127.0.0.1")}`,
     options.extra ?? "",
   ];
   for (const c of options.clients) {
@@ -135,6 +145,8 @@ export function serverToml(options: {
       `name = ${JSON.stringify(s.name)}`,
       `port = ${s.targetPort}`,
     );
+    if (s.host !== undefined) lines.push(`host = ${JSON.stringify(s.host)}`);
+    if (s.allowFrom !== undefined) lines.push(`allow_from = ${JSON.stringify(s.allowFrom)}`);
   }
   return lines.join("\n") + "\n";
 }

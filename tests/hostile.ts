@@ -6,7 +6,6 @@
  * that counts its connections, and server configs with every service option.
  * @module
  */
-import { CERT_FILES } from "../src/certs.ts";
 import { importPrivateKey, sign } from "../src/keys.ts";
 import {
   authPayload,
@@ -20,7 +19,13 @@ import {
   type Welcome,
 } from "../src/protocol.ts";
 import { ConnStream, type Stream } from "../src/transport.ts";
-import { DEADLINE_MS, type Identity, readExactly } from "./helpers.ts";
+import {
+  DEADLINE_MS,
+  type Identity,
+  readExactly,
+  serverToml,
+  type ServiceSpec,
+} from "./helpers.ts";
 
 /** A TLS connection to the communication port, with the local port for matching log lines. */
 export interface Dialed {
@@ -248,14 +253,8 @@ export function countingEcho(hostname = "127.0.0.1"): {
   };
 }
 
-/** A service with every option the server config allows. */
-export interface FullService {
-  port: number;
-  name: string;
-  targetPort: number;
-  host?: string;
-  allowFrom?: string[];
-}
+/** A service with `host` and `allow_from`: {@link ServiceSpec} has them all. */
+export type FullService = ServiceSpec;
 
 /** Server config text with hosts and allow_from on services, and any listen_host. */
 export function fullServerToml(options: {
@@ -263,30 +262,10 @@ export function fullServerToml(options: {
   clients: Identity[];
   services: FullService[];
   listenHost?: string;
-  /** Certificate and key files (default: the fixture's). */
   certificate?: [string, string];
   extra?: string[];
 }): string {
-  const [cert, key] = options.certificate ?? [CERT_FILES.cert, CERT_FILES.key];
-  const lines = [
-    `communication_port = ${options.communicationPort}`,
-    `communication_server_certificate = ${JSON.stringify([cert, key])}`,
-    `listen_host = ${JSON.stringify(options.listenHost ?? "127.0.0.1")}`,
-    ...options.extra ?? [],
-  ];
-  for (const c of options.clients) {
-    lines.push(`[clients.${JSON.stringify(c.name)}]`, `key = "${c.publicKey}"`);
-  }
-  for (const s of options.services) {
-    lines.push(
-      `[services.${s.port}]`,
-      `name = ${JSON.stringify(s.name)}`,
-      `port = ${s.targetPort}`,
-    );
-    if (s.host !== undefined) lines.push(`host = ${JSON.stringify(s.host)}`);
-    if (s.allowFrom !== undefined) lines.push(`allow_from = ${JSON.stringify(s.allowFrom)}`);
-  }
-  return lines.join("\n") + "\n";
+  return serverToml({ ...options, extra: options.extra?.join("\n") });
 }
 
 /** Sends `payload` through `conn` and checks the same bytes come back, within the deadline. */
