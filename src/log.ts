@@ -5,12 +5,13 @@
  */
 import {
   configure,
-  getConsoleSink,
   getJsonLinesFormatter,
   getLogger,
   getTextFormatter,
   type Logger,
   type LogLevel,
+  type Sink,
+  type TextFormatter,
 } from "@logtape/logtape";
 
 /** Log levels accepted by `--log-level` and the `log_level` config key. */
@@ -32,22 +33,31 @@ export async function setupLogging(level: LogLevel, format: LogFormat = "text"):
   const formatter = format === "json"
     ? getJsonLinesFormatter()
     : getTextFormatter({ timestamp: "date-time-timezone", level: "ABBR" });
-  const toStderr = {
-    trace: "error",
-    debug: "error",
-    info: "error",
-    warning: "error",
-    error: "error",
-    fatal: "error",
-  } as const;
   await configure({
     reset: true,
-    sinks: { stderr: getConsoleSink({ formatter, levelMap: toStderr }) },
+    sinks: { stderr: stderrSink(formatter) },
     loggers: [
       { category: ["natadm"], lowestLevel: level, sinks: ["stderr"] },
       { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },
     ],
   });
+}
+
+/**
+ * Writes each formatted record straight to stderr, synchronously: a program that exits right
+ * after logging loses no line, and a busy server pays no console formatting per line (the
+ * console sink cost it about 5% of its CPU at a thousand tunnels a second).
+ */
+function stderrSink(formatter: TextFormatter): Sink {
+  const encoder = new TextEncoder();
+  return (record) => {
+    const bytes = encoder.encode(formatter(record));
+    try {
+      for (let at = 0; at < bytes.length;) at += Deno.stderr.writeSync(bytes.subarray(at));
+    } catch {
+      // stderr is gone (a closed pipe): there is nowhere left to report to.
+    }
+  };
 }
 
 /** The logger for one part of NATadm, e.g. `log("server")`. */
