@@ -14,6 +14,7 @@ import {
   FramedStream,
   fromBase64,
   HEARTBEAT_MISSES,
+  MAX_STANDBY_PER_CLIENT,
   type Message,
   PROTOCOL_VERSION,
   type ServiceInfo,
@@ -32,8 +33,12 @@ const RETRY_FIRST_MS = 1000;
 /** A control connection that lasted this long resets the reconnect delay to the first one. */
 const HEALTHY_MS = 30_000;
 
-/** Idle standby connections kept at most, when tunnels that ended return theirs. */
-const MAX_IDLE_STANDBY = 32;
+/**
+ * Idle standby connections kept at most, when tunnels that ended return theirs: as many as the
+ * server will hold. A lower cap here closed connections that a burst needed again a moment
+ * later, and every one of those cost a TLS handshake (6 of 7 handshakes at 32 parallel users).
+ */
+const MAX_IDLE_STANDBY = MAX_STANDBY_PER_CLIENT;
 
 /** The server refused us, or dropped us for a newer client of the same name. */
 export class RefusedError extends Error {
