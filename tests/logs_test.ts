@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { connectUser, echoSetup, readExactly, startClient, startServer } from "./helpers.ts";
+import { renderValue } from "../src/log.ts";
 
 Deno.test("--log-format json writes one JSON object per line, with each tunnel's fields", async () => {
   const env = await echoSetup();
@@ -27,5 +28,37 @@ Deno.test("--log-format json writes one JSON object per line, with each tunnel's
     await client.stop();
     await server.stop();
     await env.cleanup();
+  }
+});
+
+Deno.test("log values render exactly as Deno.inspect would, fast path or not", () => {
+  const values = [
+    "bench",
+    "127.0.0.1:45678",
+    "[::1]:22",
+    "",
+    'say "hi"',
+    "it's",
+    "back\\slash",
+    "tab\there",
+    "new\nline",
+    "\u001b[31mred",
+    "é→",
+    40001,
+    0,
+    -0,
+    1.5,
+    -7,
+    NaN,
+    2 ** 60,
+    true,
+    null,
+    undefined,
+    { a: 1 },
+    ["x"],
+    new Error("boom"),
+  ];
+  for (const value of values) {
+    assert.equal(renderValue(value, (v) => Deno.inspect(v)), Deno.inspect(value), String(value));
   }
 });
