@@ -352,8 +352,10 @@ export class Client {
     const target = `${request.host}:${request.port}`;
     this.#streams.add(local).add(server);
     const started = performance.now();
+    // Bytes first, then the log line: its write to stderr is not the user's to wait for.
+    const bridged = bridge(local, new ChunkStream(server), undefined, true);
     logger.info("tunnel open: user {user} → {target}", { user: request.user, target });
-    const result = await bridge(local, new ChunkStream(server), undefined, true);
+    const result = await bridged;
     this.#streams.delete(local);
     this.#streams.delete(server);
     logger.info(

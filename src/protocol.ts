@@ -389,6 +389,8 @@ export class FramedStream {
   readonly stream: Stream;
   #header = new Uint8Array(4);
   #writing: Promise<void> = Promise.resolve();
+  /** Frames handed to {@link send} whose write has not finished yet. */
+  #queued = 0;
 
   constructor(stream: Stream) {
     this.stream = stream;
@@ -432,11 +434,18 @@ export class FramedStream {
     return decodeMessage(payload);
   }
 
-  /** Sends one message; writes are queued so that frames never interleave. */
+  /**
+   * Sends one message; writes are queued so that frames never interleave. With none queued the
+   * write starts at once, before the caller's next statement: a `connect` then leaves ahead of
+   * whatever the caller does next, such as logging the tunnel.
+   */
   send(message: Message): Promise<void> {
     const frame = encodeFrame(message);
-    const next = this.#writing.then(() => this.stream.write(frame));
-    this.#writing = next.catch(() => {});
+    const next = this.#queued === 0
+      ? this.stream.write(frame)
+      : this.#writing.then(() => this.stream.write(frame));
+    this.#queued++;
+    this.#writing = next.catch(() => {}).finally(() => this.#queued--);
     return next;
   }
 }

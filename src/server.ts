@@ -772,15 +772,17 @@ export class Server {
       bytesDown: 0,
     };
     const counts: BridgeResult = { forward: 0, backward: 0 };
+    this.#tunnels.set(info, { user, data, counts });
+    this.#liveByClient.set(service.name, (this.#liveByClient.get(service.name) ?? 0) + 1);
+    // Bytes first, then the log line: its write to stderr is not the user's to wait for.
+    const bridged = bridge(user, new ChunkStream(data), counts, true);
     logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
       user: user.remote,
       port: service.port,
       client: service.name,
       target: `${service.host}:${service.targetPort}`,
     });
-    this.#tunnels.set(info, { user, data, counts });
-    this.#liveByClient.set(service.name, (this.#liveByClient.get(service.name) ?? 0) + 1);
-    const result = await bridge(user, new ChunkStream(data), counts, true);
+    const result = await bridged;
     this.#tunnels.delete(info);
     const left = this.#liveByClient.get(service.name)! - 1;
     if (left > 0) this.#liveByClient.set(service.name, left);
