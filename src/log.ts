@@ -59,19 +59,54 @@ export function renderValue(value: unknown, inspect: (value: unknown) => string)
   return inspect(value);
 }
 
+/** Longest an info, debug or trace line waits in the buffer before it is written. */
+export const LOG_FLUSH_MS = 10;
+
+/** Buffered bytes that make the sink write at once. */
+const LOG_BUFFER_BYTES = 64 * 1024;
+
+/** Levels written at once, with anything buffered before them. */
+const URGENT = new Set(["warning", "error", "fatal"]);
+
 /**
- * Writes each formatted record straight to stderr, synchronously: a program that exits right
- * after logging loses no line, and a busy server pays no console formatting per line (the
- * console sink cost it about 5% of its CPU at a thousand tunnels a second).
+ * Writes formatted records to stderr. Info and lower wait up to {@link LOG_FLUSH_MS} so that a
+ * busy server writes its tunnel lines in one system call per batch rather than one per line
+ * (one per line cost it 12% of its CPU at a thousand tunnels a second). Warnings and errors
+ * go out at once, and the buffer is written when the program exits or dies of an error, so
+ * no line is lost but to SIGKILL.
  */
 function stderrSink(formatter: TextFormatter): Sink {
   const encoder = new TextEncoder();
-  return (record) => {
-    const bytes = encoder.encode(formatter(record));
+  let lines: Uint8Array[] = [];
+  let size = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const flush = () => {
+    clearTimeout(timer);
+    timer = undefined;
+    if (size === 0) return;
+    const bytes = new Uint8Array(size);
+    let at = 0;
+    for (const line of lines) {
+      bytes.set(line, at);
+      at += line.length;
+    }
+    lines = [];
+    size = 0;
     try {
-      for (let at = 0; at < bytes.length;) at += Deno.stderr.writeSync(bytes.subarray(at));
+      for (let done = 0; done < bytes.length;) done += Deno.stderr.writeSync(bytes.subarray(done));
     } catch {
       // stderr is gone (a closed pipe): there is nowhere left to report to.
+    }
+  };
+  for (const event of ["unload", "error", "unhandledrejection"]) addEventListener(event, flush);
+  return (record) => {
+    const bytes = encoder.encode(formatter(record));
+    lines.push(bytes);
+    size += bytes.length;
+    if (URGENT.has(record.level) || size >= LOG_BUFFER_BYTES) return flush();
+    if (timer === undefined) {
+      timer = setTimeout(flush, LOG_FLUSH_MS);
+      Deno.unrefTimer(timer); // a pending line must not keep a finished program alive
     }
   };
 }
