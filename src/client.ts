@@ -352,7 +352,7 @@ export class Client {
     const target = `${request.host}:${request.port}`;
     this.#streams.add(local).add(server);
     const started = performance.now();
-    // Bytes first, then the log line: its write to stderr is not the user's to wait for.
+    // Bytes first, then the log line: formatting it is no reason for the user to wait.
     const bridged = bridge(local, new ChunkStream(server), undefined, true);
     logger.info("tunnel open: user {user} → {target}", { user: request.user, target });
     const result = await bridged;

@@ -774,7 +774,7 @@ export class Server {
     const counts: BridgeResult = { forward: 0, backward: 0 };
     this.#tunnels.set(info, { user, data, counts });
     this.#liveByClient.set(service.name, (this.#liveByClient.get(service.name) ?? 0) + 1);
-    // Bytes first, then the log line: its write to stderr is not the user's to wait for.
+    // Bytes first, then the log line: formatting it is no reason for the user to wait.
     const bridged = bridge(user, new ChunkStream(data), counts, true);
     logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
       user: user.remote,
