@@ -6,7 +6,7 @@
 import { HEADROOM, type Stream } from "./transport.ts";
 
 /** First read buffer of each direction; small, so idle and interactive tunnels stay cheap. */
-export const BRIDGE_BUFFER_MIN = 4 * 1024;
+export const BRIDGE_BUFFER_MIN = 16 * 1024;
 
 /** Largest read buffer; a direction that keeps filling its buffer doubles it up to this. */
 export const BRIDGE_BUFFER_MAX = 256 * 1024;
