@@ -316,45 +316,6 @@ Deno.test("server SIGTERM: new users refused at once, the live tunnel finishes, 
   }
 });
 
-Deno.test("server SIGTERM: a tunnel still open after shutdown_grace is closed, exit 0", async () => {
-  const env = await setup({ serverExtra: "shutdown_grace = 2" });
-  try {
-    const server = await env.startServer();
-    await env.startClient();
-    const user = await connectUser(env.clients[0].servicePort);
-    await roundTrip(user);
-    server.kill("SIGTERM");
-    const closedAfter = await timeToClose(user, 10_000);
-    user.close();
-    assert.ok(
-      closedAfter >= 1500 && closedAfter <= 5000,
-      `closed after ${closedAfter} ms, grace 2 s`,
-    );
-    assert.equal((await server.result(5000)).code, 0);
-  } finally {
-    await env.scope.close();
-  }
-});
-
-Deno.test("server: a second SIGTERM exits at once, live tunnels or not", async () => {
-  const env = await setup({ serverExtra: "shutdown_grace = 600" });
-  try {
-    const server = await env.startServer();
-    await env.startClient();
-    const user = await connectUser(env.clients[0].servicePort);
-    await roundTrip(user);
-    server.kill("SIGTERM");
-    await server.waitFor(/shutting down: waiting up to 600 s/);
-    server.kill("SIGTERM");
-    const { code } = await server.result(2000);
-    assert.notEqual(code, 0, "an interrupted shutdown exited 0");
-    await timeToClose(user, 2000);
-    user.close();
-  } finally {
-    await env.scope.close();
-  }
-});
-
 Deno.test("client SIGTERM: stops reconnecting, the live tunnel finishes, exit 0", async () => {
   const env = await setup({ interval: 1 });
   try {
@@ -380,41 +341,47 @@ Deno.test("client SIGTERM: stops reconnecting, the live tunnel finishes, exit 0"
   }
 });
 
-Deno.test("client SIGTERM: a tunnel still open after shutdown_grace is closed, exit 0", async () => {
-  const env = await setup({ clientExtra: "shutdown_grace = 2\n" });
-  try {
-    await env.startServer();
-    const client = await env.startClient();
-    const user = await connectUser(env.clients[0].servicePort);
-    await roundTrip(user);
-    client.kill("SIGTERM");
-    const closedAfter = await timeToClose(user, 10_000);
-    user.close();
-    assert.ok(
-      closedAfter >= 1500 && closedAfter <= 5000,
-      `closed after ${closedAfter} ms, grace 2 s`,
-    );
-    assert.equal((await client.result(5000)).code, 0);
-  } finally {
-    await env.scope.close();
-  }
-});
+for (const role of ["server", "client"] as const) {
+  /** `setup` options that give the program under test this `shutdown_grace`. */
+  const grace = (seconds: number) =>
+    role === "server"
+      ? { serverExtra: `shutdown_grace = ${seconds}\n` }
+      : { clientExtra: `shutdown_grace = ${seconds}\n` };
 
-Deno.test("client: a second SIGTERM exits at once", async () => {
-  const env = await setup({ clientExtra: "shutdown_grace = 600\n" });
-  try {
-    await env.startServer();
-    const client = await env.startClient();
-    const user = await connectUser(env.clients[0].servicePort);
-    await roundTrip(user);
-    client.kill("SIGTERM");
-    await client.waitFor(/shutting down: waiting up to 600 s/);
-    client.kill("SIGTERM");
-    const { code } = await client.result(2000);
-    assert.notEqual(code, 0, "an interrupted shutdown exited 0");
-    await timeToClose(user, 2000);
-    user.close();
-  } finally {
-    await env.scope.close();
-  }
-});
+  Deno.test(`${role} SIGTERM: a tunnel still open after shutdown_grace is closed, exit 0`, async () => {
+    const env = await setup(grace(2));
+    try {
+      const programs = { server: await env.startServer(), client: await env.startClient() };
+      const user = await connectUser(env.clients[0].servicePort);
+      await roundTrip(user);
+      programs[role].kill("SIGTERM");
+      const closedAfter = await timeToClose(user, 10_000);
+      user.close();
+      assert.ok(
+        closedAfter >= 1500 && closedAfter <= 5000,
+        `closed after ${closedAfter} ms, grace 2 s`,
+      );
+      assert.equal((await programs[role].result(5000)).code, 0);
+    } finally {
+      await env.scope.close();
+    }
+  });
+
+  Deno.test(`${role}: a second SIGTERM exits at once, live tunnels or not`, async () => {
+    const env = await setup(grace(600));
+    try {
+      const programs = { server: await env.startServer(), client: await env.startClient() };
+      const user = await connectUser(env.clients[0].servicePort);
+      await roundTrip(user);
+      programs[role].kill("SIGTERM");
+      await programs[role].waitFor(/shutting down: waiting up to 600 s/);
+      programs[role].kill("SIGTERM");
+      const { code } = await programs[role].result(2000);
+      assert.notEqual(code, 0, "an interrupted shutdown exited 0");
+      await timeToClose(user, 2000);
+      user.close();
+    } finally {
+      await env.scope.close();
+    }
+  });
+}
