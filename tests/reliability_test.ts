@@ -348,35 +348,43 @@ for (const role of ["server", "client"] as const) {
       ? { serverExtra: `shutdown_grace = ${seconds}\n` }
       : { clientExtra: `shutdown_grace = ${seconds}\n` };
 
-  Deno.test(`${role} SIGTERM: a tunnel still open after shutdown_grace is closed, exit 0`, async () => {
-    const env = await setup(grace(2));
+  /** Server and client running with `shutdown_grace = seconds` on `role`, and a live tunnel. */
+  const withTunnel = async (seconds: number) => {
+    const env = await setup(grace(seconds));
     try {
       const programs = { server: await env.startServer(), client: await env.startClient() };
       const user = await connectUser(env.clients[0].servicePort);
       await roundTrip(user);
-      programs[role].kill("SIGTERM");
+      return { env, program: programs[role], user };
+    } catch (err) {
+      await env.scope.close();
+      throw err;
+    }
+  };
+
+  Deno.test(`${role} SIGTERM: a tunnel still open after shutdown_grace is closed, exit 0`, async () => {
+    const { env, program, user } = await withTunnel(2);
+    try {
+      program.kill("SIGTERM");
       const closedAfter = await timeToClose(user, 10_000);
       user.close();
       assert.ok(
         closedAfter >= 1500 && closedAfter <= 5000,
         `closed after ${closedAfter} ms, grace 2 s`,
       );
-      assert.equal((await programs[role].result(5000)).code, 0);
+      assert.equal((await program.result(5000)).code, 0);
     } finally {
       await env.scope.close();
     }
   });
 
   Deno.test(`${role}: a second SIGTERM exits at once, live tunnels or not`, async () => {
-    const env = await setup(grace(600));
+    const { env, program, user } = await withTunnel(600);
     try {
-      const programs = { server: await env.startServer(), client: await env.startClient() };
-      const user = await connectUser(env.clients[0].servicePort);
-      await roundTrip(user);
-      programs[role].kill("SIGTERM");
-      await programs[role].waitFor(/shutting down: waiting up to 600 s/);
-      programs[role].kill("SIGTERM");
-      const { code } = await programs[role].result(2000);
+      program.kill("SIGTERM");
+      await program.waitFor(/shutting down: waiting up to 600 s/);
+      program.kill("SIGTERM");
+      const { code } = await program.result(2000);
       assert.notEqual(code, 0, "an interrupted shutdown exited 0");
       await timeToClose(user, 2000);
       user.close();
