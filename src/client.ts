@@ -1,44 +1,37 @@
 /**
- * The NATadm client: keeps a control connection to the server and, when told a user is
- * waiting, bridges a local service to the server over a fresh data connection.
+ * The NATadm client: keeps one connection to the server and serves the tunnels the server
+ * opens on it as streams, each bridged to a local service.
  * @module
  */
 import type { ClientConfig } from "./config.ts";
 import { log } from "./log.ts";
-import { bridge } from "./bridge.ts";
 import {
   AUTH_STEP_TIMEOUT_MS,
   authPayload,
-  ChunkStream,
-  type Connect,
+  encodeMessage,
   FramedStream,
   fromBase64,
-  HEARTBEAT_MISSES,
-  MAX_STANDBY_PER_CLIENT,
+  type Hello,
   type Message,
   PROTOCOL_VERSION,
+  ProtocolError,
   type ServiceInfo,
-  STANDBY_CONNECTIONS,
-  STANDBY_PING_MS,
   type Welcome,
 } from "./protocol.ts";
 import { sign } from "./keys.ts";
-import { connectTcp, connectTls, type Stream } from "./transport.ts";
+import { Mux } from "./mux.ts";
+import { LocalTunnels } from "./client_tunnels.ts";
+import { connectTls, type Stream } from "./transport.ts";
+
+export { allows } from "./client_tunnels.ts";
 
 const logger = log("client");
 
 /** First reconnect delay; each failure doubles it, up to `interval`. */
 const RETRY_FIRST_MS = 1000;
 
-/** A control connection that lasted this long resets the reconnect delay to the first one. */
+/** A connection that lasted this long resets the reconnect delay to the first one. */
 const HEALTHY_MS = 30_000;
-
-/**
- * Idle standby connections kept at most, when tunnels that ended return theirs: as many as the
- * server will hold. A lower cap here closed connections that a burst needed again a moment
- * later, and every one of those cost a TLS handshake (6 of 7 handshakes at 32 parallel users).
- */
-const MAX_IDLE_STANDBY = MAX_STANDBY_PER_CLIENT;
 
 /** The server refused us, or dropped us for a newer client of the same name. */
 export class RefusedError extends Error {
@@ -50,6 +43,11 @@ export class RefusedError extends Error {
   }
 }
 
+/** The server said it is going away; its live tunnels finish, then we connect again. */
+class GoodbyeError extends Error {
+  override name = "GoodbyeError";
+}
+
 /** Exit code of a client that stepped back because another took over its name. */
 export const EXIT_REPLACED = 3;
 
@@ -57,21 +55,21 @@ export const EXIT_REPLACED = 3;
 export class Client {
   #config: ClientConfig;
   #stopping = false;
-  #control: Stream | undefined;
   #wakeRetry: (() => void) | undefined;
-  #tunnels = new Set<Promise<void>>();
-  #streams = new Set<Stream>();
-  /** Standby data connections waiting for a user. */
-  #idle = new Set<Stream>();
-  /** Token of the current session, which standby connections present; none between sessions. */
-  #token: string | undefined;
+  #tunnels: LocalTunnels;
+  /** The connection of the current session, if one is up. */
+  #mux: Mux | undefined;
+  /** Ends the current session early (stop() or the server's goodbye). */
+  #endSession: ((reason: Error) => void) | undefined;
+  /** Connections whose session ended while tunnels still ran on them. */
+  #leftovers = new Set<Mux>();
+  /** Unix time in ms when the current connection authenticated. */
+  #connectedAt: number | undefined;
 
   constructor(config: ClientConfig) {
     this.#config = config;
+    this.#tunnels = new LocalTunnels(config);
   }
-
-  /** Unix time in ms when the current control connection authenticated. */
-  #connectedAt: number | undefined;
 
   /** Runs until stopped (`infinite = true`) or after one check; returns the exit code. */
   async run(): Promise<number> {
@@ -79,7 +77,7 @@ export class Client {
     if (!this.#config.infinite) {
       try {
         await this.#session();
-        await Promise.all(this.#tunnels);
+        await this.#tunnels.all();
         return 0;
       } catch (err) {
         logger.error("{error}", { error: describeError(err, remoteHost, remotePort) });
@@ -109,17 +107,21 @@ export class Client {
       }
       const healthy = this.#connectedAt !== undefined &&
         Date.now() - this.#connectedAt >= HEALTHY_MS;
-      failures = healthy ? 0 : failures + 1;
+      failures = healthy || problem instanceof GoodbyeError ? 1 : failures + 1;
       // Exponential backoff with jitter, capped at `interval`: a server that is down is not
-      // hammered, and many clients that lost it at once do not return in lockstep.
+      // hammered, and a fleet that lost it at once does not return in lockstep.
       const base = Math.min(interval * 1000, RETRY_FIRST_MS * 2 ** (failures - 1));
-      const delay = Math.round(base * (0.8 + 0.2 * Math.random()));
-      const error = problem === undefined
-        ? "control connection closed"
-        : describeError(problem, remoteHost, remotePort);
-      // A refusal needs the admin; a network problem usually passes by itself.
-      const retry = { error, delay: (delay / 1000).toFixed(1) };
+      const delay = Math.round(base * (1 + Math.random()));
+      const retry = {
+        error: problem === undefined
+          ? "connection closed"
+          : describeError(problem, remoteHost, remotePort),
+        delay: Math.round(delay / 100) / 10,
+      };
+      // A refusal needs the admin; a network problem usually passes by itself; a server
+      // that said goodbye is a routine restart.
       if (problem instanceof RefusedError) logger.error("{error}; retrying in {delay} s", retry);
+      else if (problem instanceof GoodbyeError) logger.info("{error}; retrying in {delay} s", retry);
       else logger.warn("{error}; retrying in {delay} s", retry);
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
@@ -135,28 +137,22 @@ export class Client {
 
   /** Waits for live tunnels, up to `shutdown_grace` once stopping, then closes the rest. */
   async #drain(): Promise<void> {
-    if (this.#tunnels.size === 0) return;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const grace = new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, this.#config.shutdownGrace * 1000);
-    });
-    if (this.#stopping) {
+    if (this.#tunnels.size > 0) {
       logger.info("shutting down: waiting up to {grace} s for {live} live tunnels", {
         grace: this.#config.shutdownGrace,
         live: this.#tunnels.size,
       });
     }
-    await Promise.race([Promise.all(this.#tunnels), grace]);
-    clearTimeout(timer);
-    for (const stream of this.#streams) stream.close();
-    await Promise.all(this.#tunnels);
+    await this.#tunnels.drain(this.#config.shutdownGrace * 1000);
+    for (const mux of this.#leftovers) mux.close();
+    this.#mux?.close();
   }
 
-  /** Stops reconnecting, closes the control connection; live tunnels get a grace period. */
+  /** Stops reconnecting and takes no new tunnels; live tunnels get a grace period. */
   stop(): void {
     this.#stopping = true;
     this.#wakeRetry?.();
-    this.#control?.close();
+    this.#endSession?.(new GoodbyeError("the client is stopping"));
   }
 
   async #connect(): Promise<Stream> {
@@ -164,60 +160,88 @@ export class Client {
     return await connectTls({ hostname: remoteHost, port: remotePort, caCert: caPem });
   }
 
-  /** One control connection: authenticate, then serve connect requests until it ends. */
+  /** One connection: authenticate, then serve the streams the server opens until it ends. */
   async #session(): Promise<void> {
     const { name, interval, infinite } = this.#config;
     const stream = await this.#connect();
-    this.#control = stream;
     const framed = new FramedStream(stream);
-    let heartbeat: ReturnType<typeof setInterval> | undefined;
+    let welcome: Welcome, rttMs: number;
     try {
-      const welcome = await this.#authenticate(framed, false);
-      this.#connectedAt = Date.now();
-      logger.info("connected to {server} as {name}; serving {services}", {
-        server: stream.remote,
-        name,
-        services: describeServices(welcome.services),
-      });
-      let remaining = welcome.pending;
-      if (!infinite && remaining === 0) return;
-      if (infinite) {
-        this.#token = welcome.session;
-        for (let i = 0; i < STANDBY_CONNECTIONS; i++) this.#standby(welcome.session, framed);
-      }
-      heartbeat = setInterval(() => {
-        framed.send({ type: "ping" }).catch(() => stream.close());
-      }, interval * 1000);
-      for (;;) {
-        const message = await framed.read(HEARTBEAT_MISSES * interval * 1000);
-        if (message === null) throw new Error("server closed the control connection");
-        if (message.type === "ping") continue;
-        if (message.type === "refused") throw new RefusedError(message.reason, message.retry);
-        if (message.type !== "connect") {
-          throw new Error(`unexpected "${message.type}" on the control connection`);
-        }
-        this.#track(message, this.#tunnel(message, framed, welcome.session));
-        // A one-shot check serves what was pending when it connected, then hangs up.
-        if (!infinite && --remaining === 0) return;
-      }
-    } finally {
-      clearInterval(heartbeat);
+      ({ welcome, rttMs } = await this.#authenticate(framed, false));
+    } catch (err) {
       stream.close();
-      this.#control = undefined;
-      this.#token = undefined;
-      for (const idle of this.#idle) idle.close();
+      throw err;
+    }
+    this.#connectedAt = Date.now();
+    logger.info("connected to {server} as {name}; serving {services}", {
+      server: stream.remote,
+      name,
+      services: describeServices(welcome.services),
+    });
+    let remaining = welcome.pending;
+    if (!infinite && remaining === 0) return stream.close();
+    const leave = (reason: string) => {
+      mux.sendControl({ type: "goodbye", reason }).catch(() => {});
+      mux.closeWhenIdle(new Error(reason));
+    };
+    const mux: Mux = new Mux(stream, {
+      onOpen: (tunnel, request) => {
+        this.#tunnels.serve(tunnel, request);
+        // A one-shot client serves what was pending when it connected, then leaves.
+        if (!infinite && --remaining === 0) leave("served what was pending");
+      },
+      onControl: (message: Message) => {
+        if (message.type === "ping") return;
+        if (message.type === "refused") throw new RefusedError(message.reason, message.retry);
+        if (message.type === "goodbye") {
+          mux.closeWhenIdle(new Error(`the server said: ${message.reason}`));
+          return this.#endSession?.(new GoodbyeError(`the server said: ${message.reason}`));
+        }
+        throw new ProtocolError(`unexpected "${message.type}" from the server`);
+      },
+    }, { maxStreams: this.#config.maxTunnels, rttMs });
+    this.#mux = mux;
+    mux.startHeartbeat(interval * 1000);
+    const ended = mux.run();
+    const early = new Promise<Error>((resolve) => this.#endSession = resolve);
+    try {
+      const reason = await Promise.race([ended, early]);
+      if (reason instanceof GoodbyeError) {
+        // Live tunnels finish on this connection; a new one takes the next users.
+        if (this.#stopping) leave("the client is stopping");
+        this.#leftovers.add(mux);
+        ended.then(() => this.#leftovers.delete(mux));
+      }
+      if (!infinite && !(reason instanceof RefusedError)) return;
+      throw reason;
+    } finally {
+      this.#endSession = undefined;
+      this.#mux = undefined;
     }
   }
 
   /** Says hello, answers the challenge with our key, and returns the server's welcome. */
-  async #authenticate(framed: FramedStream, check: boolean): Promise<Welcome> {
-    const { name, interval, key } = this.#config;
-    await framed.send({ type: "hello", version: PROTOCOL_VERSION, name, interval, check });
+  async #authenticate(
+    framed: FramedStream,
+    check: boolean,
+  ): Promise<{ welcome: Welcome; rttMs: number }> {
+    const { name, interval, key, remoteHost } = this.#config;
+    const hello: Hello = {
+      type: "hello",
+      version: PROTOCOL_VERSION,
+      name,
+      interval,
+      check,
+      server: remoteHost.toLowerCase(),
+    };
+    const sent = performance.now();
+    await framed.send(hello);
     const challenge = expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "challenge");
+    const rttMs = performance.now() - sent;
     const nonce = fromBase64(challenge.nonce)!;
-    const signature = await sign(key, authPayload(nonce, name));
+    const signature = await sign(key, authPayload(nonce, encodeMessage(hello)));
     await framed.send({ type: "auth", signature: signature.toBase64() });
-    return expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "welcome");
+    return { welcome: expect(await framed.read(AUTH_STEP_TIMEOUT_MS), "welcome"), rttMs };
   }
 
   /**
@@ -227,164 +251,11 @@ export class Client {
   async check(): Promise<ServiceInfo[]> {
     const stream = await this.#connect();
     try {
-      return (await this.#authenticate(new FramedStream(stream), true)).services;
+      return (await this.#authenticate(new FramedStream(stream), true)).welcome.services;
     } finally {
       stream.close();
     }
   }
-
-  /** Keeps a tunnel in the set that shutdown and one-shot checks wait for; logs a failure. */
-  #track(request: Connect, work: Promise<void>): void {
-    const tunnel = work.catch((err) => {
-      logger.warn("tunnel for user {user} failed: {error}", {
-        user: request.user,
-        error: (err as Error).message,
-      });
-    }).finally(() => this.#tunnels.delete(tunnel));
-    this.#tunnels.add(tunnel);
-  }
-
-  /**
-   * Connects to the local target if this client allows it, or tells the server why not (the
-   * server then closes the user).
-   */
-  async #connectLocal(request: Connect, control: FramedStream): Promise<Stream> {
-    const target = `${request.host}:${request.port}`;
-    let reason: string;
-    if (!allows(this.#config.allow, request.host, request.port)) {
-      reason = `${target} is not in this client's allow list`;
-      logger.warn("refused to connect user {user} to {target}: not in the allow list", {
-        user: request.user,
-        target,
-      });
-    } else {
-      try {
-        return await connectTcp(request.host, request.port);
-      } catch (err) {
-        reason = `cannot connect to ${target}: ${(err as Error).message}`;
-      }
-    }
-    await control.send({ type: "reject", id: request.id, reason }).catch(() => {});
-    throw new Error(reason);
-  }
-
-  /** Serves a `connect` from the control connection: a new data connection for its id. */
-  async #tunnel(request: Connect, control: FramedStream, session: string): Promise<void> {
-    const [local, data] = await Promise.allSettled([
-      this.#connectLocal(request, control),
-      this.#connect(),
-    ]);
-    if (local.status === "rejected") {
-      if (data.status === "fulfilled") data.value.close();
-      throw local.reason;
-    }
-    if (data.status === "rejected") {
-      local.value.close();
-      throw new Error(`cannot open a data connection: ${(data.reason as Error).message}`);
-    }
-    const server = data.value;
-    await new FramedStream(server).send({
-      type: "data",
-      version: PROTOCOL_VERSION,
-      id: request.id,
-      session,
-    });
-    // Once the tunnel has ended cleanly, the connection joins the standby pool.
-    if (await this.#bridge(request, server, local.value)) this.#standby(session, control, server);
-  }
-
-  /**
-   * Keeps a standby data connection for session `token`, opening one if `stream` is not
-   * given. The server hands it the next user at once, so that user's first byte waits for no
-   * round trip and no TLS handshake. After each tunnel that ends cleanly it goes back to the
-   * pool, which grows with demand up to {@link MAX_IDLE_STANDBY}; the server, which hands them
-   * out, closes the surplus when it finds the pool idle.
-   */
-  async #standby(token: string, control: FramedStream, stream?: Stream): Promise<void> {
-    if (!stream) {
-      try {
-        stream = await this.#connect();
-      } catch (err) {
-        logger.debug("standby connection failed: {error}", { error: (err as Error).message });
-        return;
-      }
-    }
-    const framed = new FramedStream(stream);
-    for (;;) {
-      if (this.#token !== token || this.#idle.size >= MAX_IDLE_STANDBY) return stream.close();
-      let request: Connect | undefined;
-      this.#idle.add(stream);
-      try {
-        await framed.send({ type: "standby", version: PROTOCOL_VERSION, session: token });
-        while (!request) {
-          const message = await framed.read(HEARTBEAT_MISSES * STANDBY_PING_MS);
-          if (message === null) break;
-          if (message.type === "connect") request = message;
-          else if (message.type !== "ping") throw new Error(`unexpected "${message.type}"`);
-        }
-      } catch {
-        // Closed with its session, silent too long, or broken: nothing to serve.
-      } finally {
-        this.#idle.delete(stream);
-      }
-      if (!request) return stream.close();
-      if (this.#token === token && this.#idle.size < STANDBY_CONNECTIONS) {
-        this.#standby(token, control);
-      }
-      const connect = request;
-      const served = this.#connectLocal(connect, control).then(
-        (local) => this.#bridge(connect, stream, local),
-        (err) => {
-          stream.close();
-          throw err;
-        },
-      );
-      this.#track(connect, served.then(() => {}));
-      if (!await served.catch(() => false)) return;
-    }
-  }
-
-  /**
-   * Bridges the server's side of a tunnel (in tunnel mode) with the local service and logs
-   * the tunnel. Returns whether it ended cleanly, leaving `server` open for the next one.
-   */
-  async #bridge(request: Connect, server: Stream, local: Stream): Promise<boolean> {
-    const target = `${request.host}:${request.port}`;
-    this.#streams.add(local).add(server);
-    const started = performance.now();
-    // Bytes first, then the log line: formatting it is no reason for the user to wait.
-    const bridged = bridge(local, new ChunkStream(server), undefined, true);
-    logger.info("tunnel open: user {user} → {target}", { user: request.user, target });
-    const result = await bridged;
-    this.#streams.delete(local);
-    this.#streams.delete(server);
-    logger.info(
-      "tunnel closed: user {user} → {target}; {up} bytes up, {down} bytes down, {ms} ms" +
-        (result.error ? " (cut short: {error})" : ""),
-      {
-        user: request.user,
-        target,
-        up: result.backward,
-        down: result.forward,
-        ms: Math.round(performance.now() - started),
-        error: result.error?.message,
-      },
-    );
-    return !result.error;
-  }
-}
-
-/** Hosts that mean this machine, where a client without an allow list may connect. */
-const LOCAL_HOSTS = new Set(["localhost", "127.0.0.1", "::1"]);
-
-/**
- * Whether a client may connect to `host:port`: an entry of its allow list says so, or, with
- * no list, the host is this machine.
- */
-export function allows(allow: ClientConfig["allow"], host: string, port: number): boolean {
-  const h = host.toLowerCase();
-  if (allow === undefined) return LOCAL_HOSTS.has(h);
-  return allow.some((entry) => entry.host === h && entry.port === port);
 }
 
 function expect<T extends Message["type"]>(

@@ -52,6 +52,13 @@ export interface ServerConfig {
   maxTunnelsPerClient: number;
   /** Connections past their TLS handshake but not yet authenticated, at once. */
   maxUnauthenticated: number;
+  /** Live tunnels from one user address at most (max_tunnels_per_address). */
+  maxTunnelsPerAddress: number;
+  /**
+   * Names clients may dial this server by (server_names); absent: the names on its
+   * certificate. A client's signature covers the name it dialled.
+   */
+  serverNames?: string[];
   /** Status page and metrics: where to listen (none when `status_port` is absent). */
   status?: { host: string; port: number; token?: string };
   logLevel?: LogLevel;
@@ -79,6 +86,8 @@ export interface ClientConfig {
   shutdownGrace: number;
   /** Targets this client may connect to; none given means any port on this machine. */
   allow?: { host: string; port: number }[];
+  /** Tunnels open at once at most; the server cannot make the client open more. */
+  maxTunnels: number;
   logLevel?: LogLevel;
 }
 
@@ -243,6 +252,8 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "max_pending_users",
     "max_tunnels_per_client",
     "max_unauthenticated",
+    "max_tunnels_per_address",
+    "server_names",
     "status_port",
     "status_host",
     "status_token",
@@ -367,6 +378,8 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     maxPendingUsers: r.count("max_pending_users", 128),
     maxTunnelsPerClient: r.count("max_tunnels_per_client", 4096),
     maxUnauthenticated: r.count("max_unauthenticated", 1024),
+    maxTunnelsPerAddress: r.count("max_tunnels_per_address", 1024),
+    serverNames: r.has("server_names") ? serverNames(r) : undefined,
     status: r.has("status_port")
       ? {
         port: statusPort(r, communicationPort, seen),
@@ -394,6 +407,7 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
     "infinite",
     "shutdown_grace",
     "allow",
+    "max_tunnels",
     "log_level",
   ]);
   const name = r.string("name");
@@ -429,8 +443,23 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
     infinite: r.boolean("infinite", true),
     shutdownGrace: r.seconds("shutdown_grace", 10, 3600),
     allow: r.has("allow") ? allowList(r) : undefined,
+    maxTunnels: r.count("max_tunnels", 4096),
     logLevel: r.logLevel(),
   };
+}
+
+/** Parses `server_names = ["natadm.example.com", …]`: the names clients may know us by. */
+function serverNames(r: Reader): string[] {
+  const v = r.table.server_names;
+  if (!Array.isArray(v) || v.length === 0) {
+    r.fail("server_names", `expected a list of host names, got ${describe(v)}`);
+  }
+  return v.map((entry, i) => {
+    if (typeof entry !== "string" || !/^[A-Za-z0-9.:_-]{1,255}$/.test(entry)) {
+      r.fail(`server_names[${i}]`, `expected a host name or address, got ${describe(entry)}`);
+    }
+    return entry.toLowerCase();
+  });
 }
 
 /** Parses `allow = ["host:port", "[v6]:port", …]`. */

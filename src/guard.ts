@@ -1,18 +1,22 @@
 /**
  * Defences of the server against hostile peers that are not about the protocol itself:
- * a growing delay for addresses that keep failing authentication, and source allow lists.
+ * a growing delay for an address and name that keep failing authentication, and source allow
+ * lists.
  * @module
  */
 import { BlockList, isIPv4, isIPv6 } from "node:net";
 
-/** Failed authentications from one address before its answers slow down. */
+/** Failed authentications of one address and name before their refusals slow down. */
 export const AUTH_FREE_FAILURES = 2;
 
 /** Delay after the first failure beyond the free ones; it doubles with each further one. */
 export const AUTH_DELAY_FIRST_MS = 250;
 
-/** Longest delay imposed on an address. */
-export const AUTH_DELAY_MAX_MS = 10_000;
+/**
+ * Longest delay before a refusal: well below the client's own step timeout
+ * (`AUTH_STEP_TIMEOUT_MS`, 10 s), so even a penalised client hears why it was refused.
+ */
+export const AUTH_DELAY_MAX_MS = 2_000;
 
 /** An address's failures are forgotten after this long without another. */
 export const AUTH_FAILURE_MEMORY_MS = 15 * 60_000;
@@ -20,7 +24,10 @@ export const AUTH_FAILURE_MEMORY_MS = 15 * 60_000;
 /** Addresses remembered at most; the oldest is forgotten first beyond this. */
 export const AUTH_FAILURE_ADDRESSES = 10_000;
 
-/** Tracks authentication failures per source address and says how long to stall it. */
+/**
+ * Tracks authentication failures per key (the server uses "address name") and says how long
+ * to stall the next refusal. Only refusals wait: a correct signature is never delayed.
+ */
 export class AuthPenalty {
   #failures = new Map<string, { count: number; last: number }>();
 

@@ -1,55 +1,82 @@
 /**
- * The NATadm wire protocol: every message, every limit, and the one framed reader/writer.
+ * The NATadm wire protocol: every message, every limit, and the framing of both phases.
  *
- * A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
- * object with a `type`. Each message has an exact set of fields, and the decoder rejects
- * anything else: unknown types, missing or extra fields, wrong types, out-of-range values,
- * invalid UTF-8. See docs/protocol.md.
+ * A connection starts with the **handshake**: frames of a 4-byte big-endian length and that
+ * many bytes of UTF-8 JSON holding one object with a `type` (hello, challenge, auth, welcome,
+ * refused). Each message has an exact set of fields, and the decoder rejects anything else.
+ *
+ * After `welcome` the same connection carries **mux frames**: a 9-byte header (type, stream
+ * id, payload length) and a payload. Every tunnel is a stream of its own, opened with one
+ * frame, with per-stream credit (window) flow control. See docs/protocol.md.
  * @module
  */
-import { HEADROOM, type Stream } from "./transport.ts";
+import type { Stream } from "./transport.ts";
 
 /** Protocol version spoken by this build; sent in every hello. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
-/** Largest frame payload accepted, in bytes. Control messages are far smaller. */
+/** Largest handshake frame payload or control message accepted, in bytes. */
 export const MAX_FRAME_BYTES = 16 * 1024;
 
 /** Time allowed for each step of the hello/challenge/auth exchange. */
 export const AUTH_STEP_TIMEOUT_MS = 10_000;
 
-/** A control connection is dead after this many heartbeat intervals without a frame. */
+/** A connection is dead after this many heartbeat intervals without a frame. */
 export const HEARTBEAT_MISSES = 3;
 
 /** Random bytes in an authentication challenge. */
 export const NONCE_BYTES = 32;
 
-/** Random bytes in a data-connection id (128 bits). */
-export const TUNNEL_ID_BYTES = 16;
-
-/** Random bytes in a session token, which standby connections present (128 bits). */
-export const SESSION_TOKEN_BYTES = 16;
-
-/** Standby data connections a client keeps open, so a user's tunnel needs no handshake. */
-export const STANDBY_CONNECTIONS = 4;
-
-/** Standby data connections the server holds per client at most; more are closed. */
-export const MAX_STANDBY_PER_CLIENT = 64;
-
-/**
- * The server pings each idle standby connection this often; a client that hears nothing on
- * one for {@link HEARTBEAT_MISSES} periods replaces it. Rare, to keep idle traffic low.
- */
-export const STANDBY_PING_MS = 60_000;
-
-/** Largest chunk of tunnel bytes in one data-connection frame. */
-export const MAX_CHUNK_BYTES = 1024 * 1024;
-
-/** Longest client name accepted, in UTF-8 bytes. */
+/** Longest client or user name accepted, in UTF-8 bytes. */
 export const MAX_NAME_BYTES = 255;
 
-/** Longest human-readable reason carried by a message. */
-const MAX_REASON_CHARS = 1024;
+/** Longest host name in `hello.server` or an open request. */
+export const MAX_HOST_BYTES = 255;
+
+/** Longest human-readable reason carried by a message or a reset. */
+export const MAX_REASON_BYTES = 1024;
+
+/** Bytes in a mux frame header: type (1), stream id (4), payload length (4). */
+export const MUX_HEADER_BYTES = 9;
+
+/** Largest payload of one DATA frame. */
+export const MAX_DATA_BYTES = 64 * 1024;
+
+/** Largest payload of an OPEN frame (a small JSON object). */
+export const MAX_OPEN_BYTES = 1024;
+
+/**
+ * Credit each direction of a new stream starts with: bytes the sender may send before the
+ * receiver grants more. Also the most a receiver holds for a stream whose far side is not
+ * reading, unless the window grew while it was reading fast.
+ */
+export const INITIAL_WINDOW = 64 * 1024;
+
+/**
+ * A stream's receive window doubles (up to this) when the receiver consumes half of it in
+ * less than a round trip: then the window, not the reader, limits the stream (a long, fast
+ * link). Bounded so a bulk stream cannot queue much ahead of an interactive one.
+ */
+export const MAX_WINDOW = 2 * 1024 * 1024;
+
+/** Kinds of mux frame. */
+export const FrameType = {
+  /** Stream 0: one JSON control message (`ping`, `goodbye` or `refused`). */
+  CONTROL: 0,
+  /** Opens a stream: JSON {@link OpenRequest}. The opener picks a new, higher id. */
+  OPEN: 1,
+  /** Tunnel bytes (1 to {@link MAX_DATA_BYTES}), within the sender's credit. */
+  DATA: 2,
+  /** Grants the sender more credit: a 4-byte big-endian increment. */
+  WINDOW: 3,
+  /** The sender's direction has ended (like a TCP FIN); empty. */
+  FIN: 4,
+  /** The stream is aborted both ways; the payload is a UTF-8 reason. */
+  RESET: 5,
+} as const;
+
+/** One of {@link FrameType}'s values. */
+export type FrameKind = typeof FrameType[keyof typeof FrameType];
 
 /** A service as the server describes it to a client. */
 export interface ServiceInfo {
@@ -62,9 +89,9 @@ export interface ServiceInfo {
 }
 
 /**
- * Client → server, first frame of a control connection: who I am and how often I beat.
- * `check` asks only to authenticate and hear the services, without serving anything or
- * displacing the client's running connection.
+ * Client → server, first frame: who I am, how often I beat, and the server name I dialled
+ * (the host in `remote`), which the signature covers. `check` asks only to authenticate and
+ * hear the services, without serving anything or displacing the running client.
  */
 export interface Hello {
   type: "hello";
@@ -72,30 +99,10 @@ export interface Hello {
   name: string;
   interval: number;
   check: boolean;
+  server: string;
 }
 
-/**
- * Client → server, first and only frame of a data connection: which user I carry, and the
- * token of the session that was asked for it (an id is only good with that session's token).
- */
-export interface DataHello {
-  type: "data";
-  version: number;
-  id: string;
-  session: string;
-}
-
-/**
- * Client → server, first frame of a standby data connection: hold me for the next user of
- * the session whose token I carry.
- */
-export interface Standby {
-  type: "standby";
-  version: number;
-  session: string;
-}
-
-/** Server → client: sign this nonce with your key. */
+/** Server → client: sign this nonce, with the hello as you sent it, with your key. */
 export interface Challenge {
   type: "challenge";
   nonce: string;
@@ -107,15 +114,11 @@ export interface Auth {
   signature: string;
 }
 
-/**
- * Server → client: authenticated; `pending` connect messages follow at once. `session` is the
- * token that standby connections present.
- */
+/** Server → client: authenticated; mux frames follow. `pending` users wait already. */
 export interface Welcome {
   type: "welcome";
   services: ServiceInfo[];
   pending: number;
-  session: string;
 }
 
 /**
@@ -129,42 +132,51 @@ export interface Refused {
   retry: boolean;
 }
 
-/**
- * Server → client: a user is waiting. On the control connection: open a data connection
- * carrying `id`. On a standby connection: this connection is the user's, raw bytes follow.
- */
-export interface Connect {
-  type: "connect";
-  id: string;
-  host: string;
-  port: number;
-  user: string;
-}
-
-/** Client → server: the tunnel for `id` cannot be opened, and why. */
-export interface Reject {
-  type: "reject";
-  id: string;
-  reason: string;
-}
-
-/** Either side: I am alive. Sent every heartbeat interval. */
+/** Either side, as a control message: I am alive. Sent every heartbeat interval. */
 export interface Ping {
   type: "ping";
 }
 
-/** Every message a client may send first on a connection. */
-export type Opening = Hello | DataHello | Standby;
-/** Every message the server may send on a control connection. */
-export type ServerMessage = Challenge | Welcome | Refused | Connect | Ping;
-/** Every message a client may send on an authenticated control connection. */
-export type ClientMessage = Auth | Reject | Ping;
-/** Every message of the protocol. */
-export type Message = Opening | ServerMessage | ClientMessage;
+/**
+ * Either side, as a control message: I am going away, so open no new streams; the live ones
+ * finish on this connection, which closes when they have.
+ */
+export interface Goodbye {
+  type: "goodbye";
+  reason: string;
+}
+
+/** Payload of an OPEN frame from the server: connect this stream to `host:port`. */
+export interface OpenRequest {
+  /** Host the client connects to. */
+  host: string;
+  /** Port on that host. */
+  port: number;
+  /** Who the tunnel is for (the user's address), for the client's logs. */
+  user: string;
+}
+
+/** Every message of the handshake and control phase. */
+export type Message = Hello | Challenge | Auth | Welcome | Refused | Ping | Goodbye;
 
 /** Raised for any frame that breaks the protocol; the message says what was wrong. */
 export class ProtocolError extends Error {
   override name = "ProtocolError";
+}
+
+/**
+ * Raised for an opening frame of another protocol version (including version 1's `data` and
+ * `standby` openings), so the server can answer with a clear refusal instead of closing.
+ */
+export class VersionError extends ProtocolError {
+  override name = "VersionError";
+  /** @param version the version the peer speaks */
+  constructor(readonly version: number) {
+    super(
+      `protocol version ${version} is not supported (this side speaks ${PROTOCOL_VERSION}): ` +
+        `upgrade NATadm`,
+    );
+  }
 }
 
 /** Raised when a read or exchange step does not finish in time. */
@@ -175,14 +187,17 @@ export class TimeoutError extends Error {
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
 
-/** Bytes a client signs to prove its key: domain tag, the nonce, then its name. */
-export function authPayload(nonce: Uint8Array, name: string): Uint8Array<ArrayBuffer> {
-  const tag = encoder.encode("NATadm auth v1\0");
-  const nameBytes = encoder.encode(name);
-  const out = new Uint8Array(tag.length + nonce.length + nameBytes.length);
+/**
+ * Bytes a client signs to prove its key: a domain tag, the server's nonce, then the hello
+ * frame's payload exactly as sent. The hello names the server the client dialled, so a
+ * signature made for one server is worthless at another, and every hello field is covered.
+ */
+export function authPayload(nonce: Uint8Array, hello: Uint8Array): Uint8Array<ArrayBuffer> {
+  const tag = encoder.encode("NATadm auth v2\0");
+  const out = new Uint8Array(tag.length + nonce.length + hello.length);
   out.set(tag, 0);
   out.set(nonce, tag.length);
-  out.set(nameBytes, tag.length + nonce.length);
+  out.set(hello, tag.length + nonce.length);
   return out;
 }
 
@@ -195,12 +210,18 @@ export function fromBase64(text: string): Uint8Array<ArrayBuffer> | null {
   }
 }
 
-/** Serialises one message into a frame. */
-export function encodeFrame(message: Message): Uint8Array {
+/** Serialises one message as JSON bytes (a handshake frame's or control frame's payload). */
+export function encodeMessage(message: Message): Uint8Array {
   const body = encoder.encode(JSON.stringify(message));
   if (body.length > MAX_FRAME_BYTES) {
-    throw new ProtocolError(`frame of ${body.length} bytes exceeds ${MAX_FRAME_BYTES}`);
+    throw new ProtocolError(`message of ${body.length} bytes exceeds ${MAX_FRAME_BYTES}`);
   }
+  return body;
+}
+
+/** Serialises one message into a handshake frame. */
+export function encodeFrame(message: Message): Uint8Array {
+  const body = encodeMessage(message);
   const frame = new Uint8Array(4 + body.length);
   new DataView(frame.buffer).setUint32(0, body.length);
   frame.set(body, 4);
@@ -213,18 +234,42 @@ function fail(what: string): never {
   throw new ProtocolError(what);
 }
 
+function parseObject(payload: Uint8Array, what: string): Fields {
+  let text: string;
+  try {
+    text = decoder.decode(payload);
+  } catch {
+    fail(`${what} is not valid UTF-8`);
+  }
+  let obj: unknown;
+  try {
+    obj = JSON.parse(text);
+  } catch {
+    fail(`${what} is not valid JSON`);
+  }
+  if (typeof obj !== "object" || obj === null || Array.isArray(obj)) {
+    fail(`${what} must hold a JSON object`);
+  }
+  return obj as Fields;
+}
+
 function expectKeys(obj: Fields, type: string, keys: string[]): void {
   const actual = Object.keys(obj).sort();
-  const wanted = ["type", ...keys].sort();
+  const wanted = (type ? ["type", ...keys] : keys).sort();
   if (actual.length !== wanted.length || actual.some((k, i) => k !== wanted[i])) {
-    fail(`"${type}" message needs fields {${wanted.join(", ")}}, got {${actual.join(", ")}}`);
+    fail(
+      `${type ? `"${type}" message` : "open request"} needs fields {${wanted.join(", ")}}, ` +
+        `got {${actual.join(", ")}}`,
+    );
   }
 }
 
-function str(obj: Fields, key: string, maxChars: number): string {
+function str(obj: Fields, key: string, maxBytes: number): string {
   const v = obj[key];
   if (typeof v !== "string") fail(`field "${key}" must be a string`);
-  if (v.length > maxChars) fail(`field "${key}" is longer than ${maxChars} characters`);
+  if (v.length > maxBytes || encoder.encode(v).length > maxBytes) {
+    fail(`field "${key}" is longer than ${maxBytes} bytes`);
+  }
   return v;
 }
 
@@ -243,7 +288,7 @@ function b64(obj: Fields, key: string, bytes: number): string {
   return v;
 }
 
-/** Validates a client name: 1–255 UTF-8 bytes, no control characters. */
+/** Validates a client or user name: 1–255 UTF-8 bytes, no control characters. */
 export function checkName(name: string): string | null {
   if (name.length === 0) return "must not be empty";
   if (encoder.encode(name).length > MAX_NAME_BYTES) {
@@ -261,6 +306,15 @@ function name(obj: Fields): string {
   return v;
 }
 
+function host(obj: Fields, key: string): string {
+  const v = str(obj, key, MAX_HOST_BYTES);
+  // deno-lint-ignore no-control-regex
+  if (v.length === 0 || /[\u0000-\u0020\u007f]/.test(v)) {
+    fail(`field "${key}" must be a host name`);
+  }
+  return v;
+}
+
 function services(obj: Fields): ServiceInfo[] {
   const v = obj.services;
   if (!Array.isArray(v) || v.length > 65535) fail(`field "services" must be a list`);
@@ -273,57 +327,35 @@ function services(obj: Fields): ServiceInfo[] {
     if (keys !== "host,port,target_port") fail(`service entry needs {host, port, target_port}`);
     return {
       port: int(o, "port", 1, 65535),
-      host: str(o, "host", 255),
+      host: str(o, "host", MAX_HOST_BYTES),
       target_port: int(o, "target_port", 1, 65535),
     };
   });
 }
 
-/** Parses and strictly validates one frame payload into a message. */
+/** Parses and strictly validates one handshake or control payload into a message. */
 export function decodeMessage(payload: Uint8Array): Message {
-  let text: string;
-  try {
-    text = decoder.decode(payload);
-  } catch {
-    fail("frame is not valid UTF-8");
-  }
-  let obj: unknown;
-  try {
-    obj = JSON.parse(text);
-  } catch {
-    fail("frame is not valid JSON");
-  }
-  if (typeof obj !== "object" || obj === null || Array.isArray(obj)) {
-    fail("frame must hold a JSON object");
-  }
-  const o = obj as Fields;
+  const o = parseObject(payload, "frame");
   const type = o.type;
   switch (type) {
-    case "hello":
-      expectKeys(o, type, ["version", "name", "interval", "check"]);
+    case "hello": {
+      const version = int(o, "version", 0, 0xffff);
+      if (version !== PROTOCOL_VERSION) throw new VersionError(version);
+      expectKeys(o, type, ["version", "name", "interval", "check", "server"]);
       if (typeof o.check !== "boolean") fail(`field "check" must be true or false`);
       return {
         type,
-        version: int(o, "version", 0, 0xffff),
+        version,
         name: name(o),
         interval: int(o, "interval", 1, 3600),
         check: o.check,
+        server: host(o, "server"),
       };
+    }
     case "data":
-      expectKeys(o, type, ["version", "id", "session"]);
-      return {
-        type,
-        version: int(o, "version", 0, 0xffff),
-        id: b64(o, "id", TUNNEL_ID_BYTES),
-        session: b64(o, "session", SESSION_TOKEN_BYTES),
-      };
     case "standby":
-      expectKeys(o, type, ["version", "session"]);
-      return {
-        type,
-        version: int(o, "version", 0, 0xffff),
-        session: b64(o, "session", SESSION_TOKEN_BYTES),
-      };
+      // Version 1's data connections: answered with a refusal that says to upgrade.
+      throw new VersionError(typeof o.version === "number" ? o.version : 1);
     case "challenge":
       expectKeys(o, type, ["nonce"]);
       return { type, nonce: b64(o, "nonce", NONCE_BYTES) };
@@ -331,38 +363,174 @@ export function decodeMessage(payload: Uint8Array): Message {
       expectKeys(o, type, ["signature"]);
       return { type, signature: b64(o, "signature", 64) };
     case "welcome":
-      expectKeys(o, type, ["services", "pending", "session"]);
-      return {
-        type,
-        services: services(o),
-        pending: int(o, "pending", 0, 1_000_000),
-        session: b64(o, "session", SESSION_TOKEN_BYTES),
-      };
+      expectKeys(o, type, ["services", "pending"]);
+      return { type, services: services(o), pending: int(o, "pending", 0, 1_000_000) };
     case "refused":
       expectKeys(o, type, ["reason", "retry"]);
       if (typeof o.retry !== "boolean") fail(`field "retry" must be true or false`);
-      return { type, reason: str(o, "reason", MAX_REASON_CHARS), retry: o.retry };
-    case "connect":
-      expectKeys(o, type, ["id", "host", "port", "user"]);
-      return {
-        type,
-        id: b64(o, "id", TUNNEL_ID_BYTES),
-        host: str(o, "host", 255),
-        port: int(o, "port", 1, 65535),
-        user: str(o, "user", 64),
-      };
-    case "reject":
-      expectKeys(o, type, ["id", "reason"]);
-      return {
-        type,
-        id: b64(o, "id", TUNNEL_ID_BYTES),
-        reason: str(o, "reason", MAX_REASON_CHARS),
-      };
+      return { type, reason: str(o, "reason", MAX_REASON_BYTES), retry: o.retry };
     case "ping":
       expectKeys(o, type, []);
       return { type };
+    case "goodbye":
+      expectKeys(o, type, ["reason"]);
+      return { type, reason: str(o, "reason", MAX_REASON_BYTES) };
     default:
       fail(`unknown message type ${JSON.stringify(type)?.slice(0, 40)}`);
+  }
+}
+
+/** Serialises an open request into an OPEN frame's payload. */
+export function encodeOpen(request: OpenRequest): Uint8Array {
+  return encoder.encode(JSON.stringify(request));
+}
+
+/** Parses and strictly validates an OPEN frame's payload. */
+export function decodeOpen(payload: Uint8Array): OpenRequest {
+  const o = parseObject(payload, "open request");
+  expectKeys(o, "", ["host", "port", "user"]);
+  return {
+    host: host(o, "host"),
+    port: int(o, "port", 1, 65535),
+    user: str(o, "user", MAX_NAME_BYTES),
+  };
+}
+
+/** Writes a mux frame header into `out` at `at`. */
+export function writeHeader(
+  out: Uint8Array,
+  at: number,
+  type: FrameKind,
+  stream: number,
+  length: number,
+): void {
+  out[at] = type;
+  out[at + 1] = stream >>> 24;
+  out[at + 2] = (stream >>> 16) & 0xff;
+  out[at + 3] = (stream >>> 8) & 0xff;
+  out[at + 4] = stream & 0xff;
+  out[at + 5] = length >>> 24;
+  out[at + 6] = (length >>> 16) & 0xff;
+  out[at + 7] = (length >>> 8) & 0xff;
+  out[at + 8] = length & 0xff;
+}
+
+/** One whole mux frame (header and payload) as bytes. */
+export function muxFrame(type: FrameKind, stream: number, payload?: Uint8Array): Uint8Array {
+  const length = payload?.length ?? 0;
+  const out = new Uint8Array(MUX_HEADER_BYTES + length);
+  writeHeader(out, 0, type, stream, length);
+  if (payload) out.set(payload, MUX_HEADER_BYTES);
+  return out;
+}
+
+/** Receives the frames a {@link FrameParser} finds. */
+export type FrameHandler = (type: FrameKind, stream: number, payload: Uint8Array) => void;
+
+/** Largest payload each frame type may carry. */
+function maxPayload(type: number): number {
+  switch (type) {
+    case FrameType.CONTROL:
+      return MAX_FRAME_BYTES;
+    case FrameType.OPEN:
+      return MAX_OPEN_BYTES;
+    case FrameType.DATA:
+      return MAX_DATA_BYTES;
+    case FrameType.WINDOW:
+      return 4;
+    case FrameType.FIN:
+      return 0;
+    case FrameType.RESET:
+      return MAX_REASON_BYTES;
+    default:
+      fail(`unknown mux frame type ${type}`);
+  }
+}
+
+/**
+ * Splits a byte stream into mux frames, strictly: unknown types, oversized payloads, control
+ * frames off stream 0 and stream frames on it, malformed WINDOW, FIN and DATA frames all
+ * throw. Fed chunk by chunk; a payload that is not split across chunks is handed over as a
+ * view of the chunk when `owned` (no copy), else copied.
+ */
+export class FrameParser {
+  #header = new Uint8Array(MUX_HEADER_BYTES);
+  #headerGot = 0;
+  #type = 0;
+  #stream = 0;
+  #payload: Uint8Array | undefined;
+  #payloadGot = 0;
+
+  constructor(readonly onFrame: FrameHandler) {}
+
+  /** Consumes one chunk; frames are delivered in order before it returns. */
+  push(chunk: Uint8Array, owned: boolean): void {
+    let at = 0;
+    while (at < chunk.length) {
+      if (this.#payload) {
+        const take = Math.min(chunk.length - at, this.#payload.length - this.#payloadGot);
+        this.#payload.set(chunk.subarray(at, at + take), this.#payloadGot);
+        this.#payloadGot += take;
+        at += take;
+        if (this.#payloadGot === this.#payload.length) {
+          const payload = this.#payload;
+          this.#payload = undefined;
+          this.onFrame(this.#type as FrameKind, this.#stream, payload);
+        }
+        continue;
+      }
+      if (this.#headerGot === 0 && chunk.length - at >= MUX_HEADER_BYTES) {
+        // The usual case: a whole header in the chunk.
+        at = this.#begin(chunk, at, chunk, owned);
+        continue;
+      }
+      const take = Math.min(chunk.length - at, MUX_HEADER_BYTES - this.#headerGot);
+      this.#header.set(chunk.subarray(at, at + take), this.#headerGot);
+      this.#headerGot += take;
+      at += take;
+      if (this.#headerGot === MUX_HEADER_BYTES) {
+        this.#headerGot = 0;
+        this.#begin(this.#header, 0, chunk.subarray(at), owned);
+        // #begin consumed no payload from the rest of the chunk: the loop copies it.
+        if (!this.#payload) continue;
+      }
+    }
+  }
+
+  /**
+   * Validates the header at `h[i..]`; delivers an empty frame at once, or one whose payload is
+   * whole in `rest` (when the header came from `rest` itself). Returns the new read position
+   * in `rest`.
+   */
+  #begin(h: Uint8Array, i: number, rest: Uint8Array, owned: boolean): number {
+    const type = h[i];
+    const stream = ((h[i + 1] << 24) | (h[i + 2] << 16) | (h[i + 3] << 8) | h[i + 4]) >>> 0;
+    const length = ((h[i + 5] << 24) | (h[i + 6] << 16) | (h[i + 7] << 8) | h[i + 8]) >>> 0;
+    const max = maxPayload(type);
+    if (length > max) fail(`mux frame type ${type} of ${length} bytes exceeds ${max}`);
+    if ((type === FrameType.CONTROL) !== (stream === 0)) {
+      fail(type === FrameType.CONTROL ? "control frame off stream 0" : "stream frame on stream 0");
+    }
+    if (type === FrameType.WINDOW && length !== 4) fail("WINDOW frame must carry 4 bytes");
+    if (type === FrameType.DATA && length === 0) fail("empty DATA frame");
+    if (type === FrameType.CONTROL && length === 0) fail("empty control frame");
+    this.#type = type;
+    this.#stream = stream;
+    const start = h === rest ? i + MUX_HEADER_BYTES : 0;
+    if (h === rest && rest.length - start >= length) {
+      const payload = owned
+        ? rest.subarray(start, start + length)
+        : rest.slice(start, start + length);
+      this.onFrame(type as FrameKind, stream, payload);
+      return start + length;
+    }
+    if (length === 0) {
+      this.onFrame(type as FrameKind, stream, new Uint8Array(0));
+      return start;
+    }
+    this.#payload = new Uint8Array(length);
+    this.#payloadGot = 0;
+    return start;
   }
 }
 
@@ -381,8 +549,8 @@ async function readExact(stream: Stream, p: Uint8Array): Promise<boolean> {
 }
 
 /**
- * Frames on one stream. Reads never consume bytes past the frame, so a data connection can
- * switch to raw bytes right after its hello.
+ * Handshake frames on one stream. Reads never consume bytes past the frame, so the connection
+ * can switch to mux frames right after `welcome`.
  */
 export class FramedStream {
   /** The underlying stream. */
@@ -391,17 +559,17 @@ export class FramedStream {
   #writing: Promise<void> = Promise.resolve();
   /** Frames handed to {@link send} whose write has not finished yet. */
   #queued = 0;
+  /** The payload of the frame read last, as received (a hello is signed as sent). */
+  lastPayload: Uint8Array<ArrayBuffer> = new Uint8Array(0);
 
   constructor(stream: Stream) {
     this.stream = stream;
   }
 
   /**
-   * Reads one message, or null at a clean end of stream; closes the stream on timeout. Only a
-   * standby connection waits without a timeout: its session closes it when it ends.
+   * Reads one message, or null at a clean end of stream; closes the stream on timeout.
    */
   async read(timeoutMs: number): Promise<Message | null> {
-    if (timeoutMs === Infinity) return await this.#readFrame();
     let timer: ReturnType<typeof setTimeout> | undefined;
     let timedOut = false;
     const deadline = new Promise<never>((_, reject) => {
@@ -431,13 +599,13 @@ export class FramedStream {
     if (length > MAX_FRAME_BYTES) fail(`frame of ${length} bytes exceeds ${MAX_FRAME_BYTES}`);
     const payload = new Uint8Array(length);
     if (!await readExact(this.stream, payload)) fail("connection ended inside a frame");
+    this.lastPayload = payload;
     return decodeMessage(payload);
   }
 
   /**
    * Sends one message; writes are queued so that frames never interleave. With none queued the
-   * write starts at once, before the caller's next statement: a `connect` then leaves ahead of
-   * whatever the caller does next, such as logging the tunnel.
+   * write starts at once, before the caller's next statement.
    */
   send(message: Message): Promise<void> {
     const frame = encodeFrame(message);
@@ -450,71 +618,3 @@ export class FramedStream {
   }
 }
 
-/**
- * A data connection in tunnel mode, as a {@link Stream}: every write becomes a chunk (4-byte
- * big-endian length, then the bytes) and a zero-length chunk is end of stream, so a tunnel can
- * end in both directions and leave the connection usable for the next one. Any error or
- * abort closes the connection instead.
- */
-export class ChunkStream implements Stream {
-  readonly remote: string;
-  readonly remoteIp: string;
-  #inner: Stream;
-  #header = new Uint8Array(4);
-  /** Bytes of the current incoming chunk not read yet. */
-  #remaining = 0;
-  #ended = false;
-
-  constructor(inner: Stream) {
-    this.#inner = inner;
-    this.remote = inner.remote;
-    this.remoteIp = inner.remoteIp;
-  }
-
-  async read(p: Uint8Array): Promise<number | null> {
-    if (this.#ended) return null;
-    while (this.#remaining === 0) {
-      if (!await readExact(this.#inner, this.#header)) fail("connection ended inside a tunnel");
-      const length = new DataView(this.#header.buffer).getUint32(0);
-      if (length === 0) {
-        this.#ended = true;
-        return null;
-      }
-      if (length > MAX_CHUNK_BYTES) fail(`chunk of ${length} bytes exceeds ${MAX_CHUNK_BYTES}`);
-      this.#remaining = length;
-    }
-    const n = await this.#inner.read(p.subarray(0, Math.min(p.length, this.#remaining)));
-    if (n === null) fail("connection ended inside a chunk");
-    this.#remaining -= n;
-    return n;
-  }
-
-  async write(chunk: Uint8Array): Promise<void> {
-    for (let at = 0; at < chunk.length; at += MAX_CHUNK_BYTES) {
-      const part = chunk.subarray(at, at + MAX_CHUNK_BYTES);
-      const framed = new Uint8Array(HEADROOM + part.length);
-      framed.set(part, HEADROOM);
-      await this.writeWithHeadroom(framed, part.length);
-    }
-  }
-
-  writeWithHeadroom(buf: Uint8Array, n: number): Promise<void> {
-    if (n === 0) return Promise.resolve(); // a zero-length chunk would mean end of stream
-    if (n > MAX_CHUNK_BYTES) return this.write(buf.subarray(HEADROOM, HEADROOM + n));
-    new DataView(buf.buffer, buf.byteOffset, HEADROOM).setUint32(0, n);
-    return this.#inner.write(buf.subarray(0, HEADROOM + n));
-  }
-
-  /** Sends end of stream; the connection stays open for the other direction. */
-  closeWrite(): Promise<void> {
-    return this.#inner.write(new Uint8Array(4));
-  }
-
-  isClosed(): boolean {
-    return this.#inner.isClosed();
-  }
-
-  close(): void {
-    this.#inner.close();
-  }
-}

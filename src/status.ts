@@ -46,8 +46,8 @@ export interface ClientStatus {
   last_heartbeat: string | null;
   /** The protocol version it speaks. */
   protocol_version: number | null;
-  /** Idle data connections the client keeps ready for the next user. */
-  standby: number;
+  /** Live tunnels on its connection. */
+  tunnels: number;
 }
 
 /** One service in `/status.json`; up is user → service, down is service → user. */
@@ -126,7 +126,7 @@ export function statusDocument(snap: ServerSnapshot, now = Date.now()): StatusDo
       connected_since: iso(c.connectedSince),
       last_heartbeat: iso(c.lastHeartbeat),
       protocol_version: c.protocolVersion ?? null,
-      standby: c.standby,
+      tunnels: c.tunnels,
     })),
     services: snap.services.map((s) => ({
       port: s.port,

@@ -20,14 +20,18 @@ export interface Stream {
   readonly remoteIp: string;
   /** Reads into `p`; resolves to the byte count, or null at end of stream. */
   read(p: Uint8Array): Promise<number | null>;
+  /**
+   * Where the stream can hand over what it received without a copy: the next chunk as it
+   * came, which the caller may keep; null at end of stream.
+   */
+  readChunk?(): Promise<Uint8Array | null>;
   /** Writes all of `chunk`; resolves once the stream no longer needs it. */
   write(chunk: Uint8Array): Promise<void>;
   /**
-   * Like `write(buf.subarray(HEADROOM, HEADROOM + n))`, for a caller that left the first
-   * {@link HEADROOM} bytes of `buf` free: a framing stream puts its header there and writes
-   * header and payload at once, without a copy.
+   * From now on the peer must stay silent: anything it sends (or has sent and we have not
+   * read) closes the stream instead of being buffered. For a peer made to wait for an answer.
    */
-  writeWithHeadroom?(buf: Uint8Array, n: number): Promise<void>;
+  holdSilent?(): void;
   /** Ends our direction (FIN, or TLS close_notify) while the other keeps flowing. */
   closeWrite(): Promise<void>;
   /** Closes both directions at once. Safe to call more than once. */
@@ -36,14 +40,15 @@ export interface Stream {
   isClosed(): boolean;
 }
 
-/** Bytes a writer leaves free before its payload for {@link Stream.writeWithHeadroom}. */
-export const HEADROOM = 4;
-
 /** Longest wait for a TCP connect plus TLS handshake, either side. */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 
-/** Node sockets buffer incoming data up to this many bytes before they pause the peer. */
-const NODE_READ_HIGH_WATER = 512 * 1024;
+/**
+ * A node socket is paused once this much of its input waits unread. Flow control itself is
+ * the mux's credit, which bounds what a peer may send; this only spares memory when the
+ * reader falls behind for a moment.
+ */
+const NODE_READ_HIGH_WATER = 256 * 1024;
 
 /** Formats a Deno address for logs; IPv6 in brackets. */
 export function formatAddr(addr: Deno.Addr): string {
@@ -125,23 +130,13 @@ export class ConnStream implements Stream {
   }
 }
 
-/**
- * The TCP handle under a Deno `node:tls` socket. Deno's TLS sockets keep reading the TCP
- * handle while paused, buffering without bound; stopping the handle itself restores TCP flow
- * control. Absent on other runtimes, where `pause()` alone suffices.
- */
-function tcpHandle(socket: Socket): { readStop(): void; readStart(): void } | undefined {
-  // deno-lint-ignore no-explicit-any
-  return (socket as any)._handle?._nativeTcpHandle;
-}
-
 /** The TCP socket under a Deno `node:tls` server socket, if the runtime exposes it. */
 function parentOf(socket: Socket): Socket | undefined {
   // deno-lint-ignore no-explicit-any
   return (socket as any)._parent;
 }
 
-/** A `node:net`/`node:tls` socket as a {@link Stream}, with bounded read buffering. */
+/** A `node:net`/`node:tls` socket as a {@link Stream}. */
 export class SocketStream implements Stream {
   readonly remote: string;
   readonly remoteIp: string;
@@ -152,6 +147,7 @@ export class SocketStream implements Stream {
   #error: Error | undefined;
   #wake: (() => void) | undefined;
   #paused = false;
+  #silent = false;
 
   constructor(socket: Socket) {
     this.#socket = socket;
@@ -161,12 +157,12 @@ export class SocketStream implements Stream {
       ? `[${host}]:${socket.remotePort}`
       : `${host}:${socket.remotePort}`;
     socket.on("data", (data: Buffer) => {
+      if (this.#silent) return this.close();
       this.#chunks.push(data);
       this.#buffered += data.length;
       if (this.#buffered >= NODE_READ_HIGH_WATER && !this.#paused) {
         this.#paused = true;
         socket.pause();
-        tcpHandle(socket)?.readStop();
       }
       this.#notify();
     });
@@ -194,6 +190,11 @@ export class SocketStream implements Stream {
     }
   }
 
+  holdSilent(): void {
+    this.#silent = true;
+    if (this.#chunks.length > 0) this.close();
+  }
+
   #notify(): void {
     const wake = this.#wake;
     this.#wake = undefined;
@@ -217,13 +218,28 @@ export class SocketStream implements Stream {
       if (take === head.length) this.#chunks.shift();
       else this.#chunks[0] = head.subarray(take);
     }
+    this.#taken(n);
+    return n;
+  }
+
+  async readChunk(): Promise<Uint8Array | null> {
+    while (this.#chunks.length === 0) {
+      if (this.#error) throw this.#error;
+      if (this.#ended) return null;
+      await new Promise<void>((resolve) => this.#wake = resolve);
+    }
+    const chunk = this.#chunks.shift()!;
+    this.#taken(chunk.length);
+    return chunk;
+  }
+
+  /** `n` buffered bytes were read: resume a paused socket once half its buffer is free. */
+  #taken(n: number): void {
     this.#buffered -= n;
     if (this.#paused && this.#buffered < NODE_READ_HIGH_WATER / 2) {
       this.#paused = false;
-      tcpHandle(this.#socket)?.readStart();
       this.#socket.resume();
     }
-    return n;
   }
 
   write(chunk: Uint8Array): Promise<void> {

@@ -1,0 +1,112 @@
+/**
+ * Logging a client in: the hello, the challenge and the signature, checked against the
+ * server's config, with a penalty for an address and name that keep failing.
+ * @module
+ */
+import { X509Certificate } from "node:crypto";
+import type { ServerConfig } from "./config.ts";
+import {
+  AUTH_STEP_TIMEOUT_MS,
+  authPayload,
+  type FramedStream,
+  fromBase64,
+  type Hello,
+  NONCE_BYTES,
+} from "./protocol.ts";
+import { verify } from "./keys.ts";
+import { AuthPenalty } from "./guard.ts";
+import { log } from "./log.ts";
+
+const logger = log("server");
+
+/** A client that proved its name. */
+export interface LoggedIn {
+  hello: Hello;
+  /** Round trip from challenge to signature, a first estimate of the link's delay. */
+  rttMs: number;
+}
+
+/** Checks hellos and signatures against the current config. */
+export class Login {
+  /** Failed logins so far, for the status page. */
+  failures = 0;
+  #penalty = new AuthPenalty();
+  #certificate: { pem: string; x509: X509Certificate } | undefined;
+
+  constructor(readonly config: () => ServerConfig) {}
+
+  /**
+   * Whether a client that dialled us as `name` reached this server: one of `server_names`,
+   * or else a name or address on our certificate.
+   */
+  knowsName(name: string): boolean {
+    const config = this.config();
+    const wanted = name.toLowerCase();
+    if (config.serverNames) return config.serverNames.includes(wanted);
+    if (this.#certificate?.pem !== config.certPem) {
+      this.#certificate = { pem: config.certPem, x509: new X509Certificate(config.certPem) };
+    }
+    const cert = this.#certificate.x509;
+    return cert.checkHost(wanted) !== undefined || cert.checkIP(wanted) !== undefined;
+  }
+
+  /**
+   * Runs the challenge for `hello` (whose frame payload was `helloBytes`). Returns the logged
+   * in client, or null after telling a refused one why. A correct signature is answered at
+   * once; a failure waits out the penalty of its address and name first, while nothing more
+   * is read from it.
+   */
+  async run(framed: FramedStream, hello: Hello, helloBytes: Uint8Array): Promise<LoggedIn | null> {
+    const stream = framed.stream;
+    const config = this.config();
+    const refuse = async (why: string, reason: string) => {
+      const penaltyKey = `${stream.remoteIp} ${hello.name}`;
+      this.#penalty.fail(penaltyKey);
+      this.failures++;
+      logger.warn("client from {remote} refused: {why}", { remote: stream.remote, why });
+      const delay = this.#penalty.delay(penaltyKey);
+      if (delay > 0) {
+        // Made to wait: a peer that sends anything meanwhile is dropped, so nothing of it is
+        // held here.
+        stream.holdSilent?.();
+        await new Promise((resolve) => setTimeout(resolve, delay));
+      }
+      await framed.send({ type: "refused", retry: true, reason }).catch(() => {});
+      stream.close();
+      return null;
+    };
+    if (!this.knowsName(hello.server)) {
+      return await refuse(
+        `it dialled "${hello.server}", which is not this server (server_names)`,
+        `this server is not "${hello.server}": a client must dial the server it is configured ` +
+          `for (server_names lists the names it answers to)`,
+      );
+    }
+    const key = config.clients.get(hello.name);
+    if (!key) {
+      return await refuse(
+        `unknown name ${JSON.stringify(hello.name)}`,
+        `unknown client name "${hello.name}": the server has no [clients] entry for it`,
+      );
+    }
+    const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
+    const asked = performance.now();
+    await framed.send({ type: "challenge", nonce: nonce.toBase64() });
+    const auth = await framed.read(AUTH_STEP_TIMEOUT_MS);
+    if (auth === null) {
+      stream.close();
+      return null;
+    }
+    if (auth.type !== "auth") throw new Error(`expected "auth", got "${auth.type}"`);
+    const rttMs = performance.now() - asked;
+    const signature = fromBase64(auth.signature)!;
+    if (!await verify(key, signature, authPayload(nonce, helloBytes))) {
+      return await refuse(
+        `wrong key for ${JSON.stringify(hello.name)}`,
+        `authentication failed: the key does not match the one configured for "${hello.name}"`,
+      );
+    }
+    this.#penalty.succeed(`${stream.remoteIp} ${hello.name}`);
+    return { hello, rttMs };
+  }
+}

@@ -1,0 +1,731 @@
+/**
+ * Tunnels as streams over one connection: each stream has credit-based flow control in both
+ * directions, and the sender takes turns among the streams that have bytes to send, so a bulk
+ * transfer cannot starve an interactive session on the same connection (as SSH channels,
+ * HTTP/2 and yamux do). The frames themselves are defined in `protocol.ts`.
+ * @module
+ */
+import {
+  decodeMessage,
+  encodeMessage,
+  FrameParser,
+  FrameType,
+  type FrameKind,
+  HEARTBEAT_MISSES,
+  INITIAL_WINDOW,
+  MAX_DATA_BYTES,
+  MAX_REASON_BYTES,
+  MAX_WINDOW,
+  type Message,
+  muxFrame,
+  MUX_HEADER_BYTES,
+  ProtocolError,
+  writeHeader,
+} from "./protocol.ts";
+import type { Stream } from "./transport.ts";
+
+/** Bytes gathered into one write to the connection at most. */
+const BATCH_BYTES = 256 * 1024;
+
+/** Bytes a stream sends per turn while other streams also wait to send. */
+const QUANTUM_BYTES = 16 * 1024;
+
+/** Control frames (window updates, opens, resets, pings) queued unsent at most. */
+const MAX_CONTROL_QUEUE_BYTES = 1024 * 1024;
+
+/** A receive window grows only if half of it was consumed faster than this (or the RTT). */
+const GROW_FLOOR_MS = 2;
+
+/** Queued received payloads are written to the local socket in one go up to this size. */
+const SINK_WRITE_BYTES = 256 * 1024;
+
+/** Read buffer of a relay's first reads; a source that keeps filling it gets a bigger one. */
+const RELAY_BUFFER_MIN = 8 * 1024;
+
+/** First read buffer of a connection read without `readChunk`. */
+const READ_BUFFER_MIN = 4 * 1024;
+
+/** Largest read buffer of a connection. */
+const READ_BUFFER_MAX = 64 * 1024;
+
+/** Largest relay read buffer. */
+const RELAY_BUFFER_MAX = MAX_DATA_BYTES;
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/**
+ * Bytes of receive window granted beyond {@link INITIAL_WINDOW} across all streams of a
+ * process: a window grows only while this budget allows, so many fast streams that stop
+ * reading at once cannot hold unbounded memory.
+ */
+export class WindowBudget {
+  used = 0;
+  /** @param max the most bytes of grown window at once */
+  constructor(readonly max: number) {}
+
+  /** Reserves `n` bytes; false when the budget is spent. */
+  take(n: number): boolean {
+    if (this.used + n > this.max) return false;
+    this.used += n;
+    return true;
+  }
+
+  /** Gives back `n` reserved bytes. */
+  release(n: number): void {
+    this.used -= n;
+  }
+}
+
+/** The process-wide default budget: 256 MiB of grown windows. */
+export const DEFAULT_BUDGET = new WindowBudget(256 * 1024 * 1024);
+
+/** What a stream carried and how it ended. */
+export interface StreamResult {
+  /** Bytes sent to the peer. */
+  sent: number;
+  /** Bytes received from the peer. */
+  received: number;
+  /** Why it was cut short, if it was. */
+  error?: Error;
+}
+
+interface Outgoing {
+  bytes: Uint8Array;
+  at: number;
+  resolve: () => void;
+  reject: (err: Error) => void;
+}
+
+/**
+ * One tunnel on a {@link Mux}. As a {@link Stream} it can be read and written like a socket;
+ * {@link relay} instead pushes what arrives straight into another stream.
+ */
+export class MuxStream implements Stream {
+  readonly remote: string;
+  readonly remoteIp: string;
+  /** Bytes sent and received so far, and how it ended; final once {@link done} resolves. */
+  readonly result: StreamResult = { sent: 0, received: 0 };
+  /** Resolves when both directions have ended or the stream was reset. */
+  readonly done: Promise<StreamResult>;
+  #resolveDone!: (result: StreamResult) => void;
+  #mux: Mux;
+  #finished = false;
+
+  // Sending.
+  #credit = INITIAL_WINDOW;
+  #out: Outgoing[] = [];
+  #finQueued = false;
+  #finResolve: (() => void) | undefined;
+  #finSent = false;
+  /** Whether the stream is in its mux's round of senders. */
+  inRound = false;
+
+  // Receiving.
+  #in: Uint8Array[] = [];
+  #inBytes = 0;
+  #remoteEnded = false;
+  #window = INITIAL_WINDOW;
+  /** Credit the peer still holds: granted and not yet used. */
+  #available = INITIAL_WINDOW;
+  /** Bytes consumed and not yet granted back. */
+  #unacked = 0;
+  #lastGrant = performance.now();
+  #sink: Stream | undefined;
+  #sinkBusy = false;
+  #wake: (() => void) | undefined;
+
+  constructor(mux: Mux, readonly id: number) {
+    this.#mux = mux;
+    this.remote = mux.link.remote;
+    this.remoteIp = mux.link.remoteIp;
+    this.done = new Promise((resolve) => this.#resolveDone = resolve);
+  }
+
+  // ---- Sending side -------------------------------------------------------------------------
+
+  /** Queues `bytes`; resolves once they are copied out (the caller may then reuse them). */
+  write(bytes: Uint8Array): Promise<void> {
+    if (this.#finished) return Promise.reject(this.result.error ?? new Error("stream closed"));
+    if (this.#finQueued) return Promise.reject(new Error("write after end of stream"));
+    if (bytes.length === 0) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#out.push({ bytes, at: 0, resolve, reject });
+      this.#mux.ready(this);
+    });
+  }
+
+  /** Ends our direction after what is queued (a FIN frame); the other keeps flowing. */
+  closeWrite(): Promise<void> {
+    if (this.#finished || this.#finQueued) return Promise.resolve();
+    this.#finQueued = true;
+    return new Promise((resolve) => {
+      this.#finResolve = resolve;
+      this.#mux.ready(this);
+    });
+  }
+
+  /** Whether the mux should give this stream a turn now. */
+  get sendable(): boolean {
+    if (this.#finished) return false;
+    if (this.#out.length > 0) return this.#credit > 0;
+    return this.#finQueued && !this.#finSent;
+  }
+
+  /**
+   * Appends this stream's next frames to `parts` (at most `quantum` payload bytes), and the
+   * callbacks of writes now wholly copied to `done`. Returns the bytes appended.
+   */
+  emit(parts: Uint8Array[], done: (() => void)[], quantum: number): number {
+    let size = 0;
+    while (this.#out.length > 0 && this.#credit > 0 && size < quantum) {
+      const head = this.#out[0];
+      const n = Math.min(head.bytes.length - head.at, this.#credit, quantum - size, MAX_DATA_BYTES);
+      const header = new Uint8Array(MUX_HEADER_BYTES);
+      writeHeader(header, 0, FrameType.DATA, this.id, n);
+      parts.push(header, head.bytes.subarray(head.at, head.at + n));
+      head.at += n;
+      this.#credit -= n;
+      this.result.sent += n;
+      size += MUX_HEADER_BYTES + n;
+      if (head.at === head.bytes.length) {
+        this.#out.shift();
+        done.push(head.resolve);
+      }
+    }
+    if (this.#out.length === 0 && this.#finQueued && !this.#finSent) {
+      this.#finSent = true;
+      parts.push(muxFrame(FrameType.FIN, this.id));
+      size += MUX_HEADER_BYTES;
+      if (this.#finResolve) done.push(this.#finResolve);
+      this.#finResolve = undefined;
+      this.#maybeFinish();
+    }
+    return size;
+  }
+
+  /** The peer granted `n` more bytes of credit. */
+  granted(n: number): void {
+    if (this.#credit + n > MAX_WINDOW * 2) throw new ProtocolError("window grew past its limit");
+    this.#credit += n;
+    if (this.#out.length > 0) this.#mux.ready(this);
+  }
+
+  // ---- Receiving side -----------------------------------------------------------------------
+
+  /** A DATA frame arrived. */
+  received(payload: Uint8Array): void {
+    if (this.#remoteEnded) throw new ProtocolError(`DATA after FIN on stream ${this.id}`);
+    if (payload.length > this.#available) {
+      throw new ProtocolError(`stream ${this.id} sent ${payload.length} bytes past its credit`);
+    }
+    this.#available -= payload.length;
+    this.result.received += payload.length;
+    if (this.#finished) return; // reset here already; the peer will hear of it
+    this.#in.push(payload);
+    this.#inBytes += payload.length;
+    this.#deliver();
+  }
+
+  /** A FIN frame arrived: the peer sends no more. */
+  ended(): void {
+    if (this.#remoteEnded) throw new ProtocolError(`second FIN on stream ${this.id}`);
+    this.#remoteEnded = true;
+    this.#deliver();
+  }
+
+  /**
+   * Sends what arrives into `sink` from now on (and what arrived already), granting credit as
+   * the sink takes it, and half-closes the sink after the peer's FIN.
+   */
+  attach(sink: Stream): void {
+    this.#sink = sink;
+    this.#deliver();
+  }
+
+  #deliver(): void {
+    if (this.#finished) return;
+    if (!this.#sink) {
+      this.#wake?.();
+      return;
+    }
+    if (this.#sinkBusy) return;
+    if (this.#in.length > 0) {
+      this.#sinkBusy = true;
+      const chunk = this.#take(SINK_WRITE_BYTES);
+      this.#sink.write(chunk).then(() => {
+        this.#sinkBusy = false;
+        this.#consumed(chunk.length);
+        this.#deliver();
+      }, (err) => this.reset(`local write failed: ${(err as Error).message}`));
+    } else if (this.#remoteEnded) {
+      this.#sinkBusy = true;
+      this.#sink.closeWrite().catch(() => {}).finally(() => {
+        this.#sinkBusy = false;
+        this.#sink = undefined; // delivered all; nothing more will come
+        this.#maybeFinish();
+      });
+    }
+  }
+
+  /** Takes up to `max` queued bytes as one array (joined when there are several). */
+  #take(max: number): Uint8Array {
+    const first = this.#in[0];
+    if (first.length >= max || this.#in.length === 1) {
+      const part = first.length > max ? first.subarray(0, max) : first;
+      if (part === first) this.#in.shift();
+      else this.#in[0] = first.subarray(max);
+      this.#inBytes -= part.length;
+      return part;
+    }
+    let size = 0, count = 0;
+    while (count < this.#in.length && size + this.#in[count].length <= max) {
+      size += this.#in[count++].length;
+    }
+    const out = new Uint8Array(size);
+    let at = 0;
+    for (const part of this.#in.splice(0, count)) {
+      out.set(part, at);
+      at += part.length;
+    }
+    this.#inBytes -= size;
+    return out;
+  }
+
+  /** Reads what arrived into `p` (for a stream used directly, without {@link attach}). */
+  async read(p: Uint8Array): Promise<number | null> {
+    while (this.#in.length === 0) {
+      if (this.#finished) {
+        if (this.result.error) throw this.result.error;
+        return null;
+      }
+      if (this.#remoteEnded) {
+        this.#maybeFinish();
+        return null;
+      }
+      await new Promise<void>((resolve) => this.#wake = resolve);
+      this.#wake = undefined;
+    }
+    let n = 0;
+    while (n < p.length && this.#in.length > 0) {
+      const head = this.#in[0];
+      const take = Math.min(head.length, p.length - n);
+      p.set(head.subarray(0, take), n);
+      n += take;
+      if (take === head.length) this.#in.shift();
+      else this.#in[0] = head.subarray(take);
+    }
+    this.#inBytes -= n;
+    this.#consumed(n);
+    return n;
+  }
+
+  /**
+   * `n` received bytes have left our hands: grant them back once half a window is due, and
+   * double the window if that half went by in under a round trip (the window, not the reader,
+   * is what limits this stream).
+   */
+  #consumed(n: number): void {
+    this.#unacked += n;
+    if (this.#finished || this.#remoteEnded || this.#unacked < this.#window / 2) return;
+    const now = performance.now();
+    let grant = this.#unacked;
+    const fast = now - this.#lastGrant < Math.max(GROW_FLOOR_MS, this.#mux.rttMs);
+    if (fast && this.#window < MAX_WINDOW && this.#mux.budget.take(this.#window)) {
+      grant += this.#window;
+      this.#window *= 2;
+    }
+    this.#unacked = 0;
+    this.#available += grant;
+    this.#lastGrant = now;
+    const frame = new Uint8Array(MUX_HEADER_BYTES + 4);
+    writeHeader(frame, 0, FrameType.WINDOW, this.id, 4);
+    new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, grant);
+    this.#mux.queueControl(frame);
+  }
+
+  // ---- Both ---------------------------------------------------------------------------------
+
+  /** Bytes received and not yet consumed. */
+  get buffered(): number {
+    return this.#inBytes;
+  }
+
+  #maybeFinish(): void {
+    const drained = this.#in.length === 0 && !this.#sinkBusy && this.#sink === undefined;
+    if (this.#finSent && this.#remoteEnded && drained) this.#finish();
+  }
+
+  /** Aborts both directions and tells the peer why (a RESET frame). */
+  reset(reason: string): void {
+    if (this.#finished) return;
+    const bytes = encoder.encode(reason);
+    this.#mux.queueControl(
+      muxFrame(FrameType.RESET, this.id, bytes.subarray(0, MAX_REASON_BYTES)),
+    );
+    this.#finish(new Error(reason));
+  }
+
+  /** The peer reset the stream. */
+  resetByPeer(reason: string): void {
+    this.#finish(new Error(reason || "reset by peer"));
+  }
+
+  /** Ends the stream here: pending writes fail, the sink is closed on error. */
+  #finish(error?: Error): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    if (error) this.result.error = error;
+    const failure = error ?? new Error("stream closed");
+    for (const out of this.#out.splice(0)) out.reject(failure);
+    this.#finResolve?.();
+    this.#in = [];
+    this.#inBytes = 0;
+    if (error) this.#sink?.close();
+    this.#wake?.();
+    this.#mux.forget(this, this.#window - INITIAL_WINDOW);
+    this.#resolveDone(this.result);
+  }
+
+  /** Closes the stream: a reset, unless it had already ended. */
+  close(): void {
+    this.reset("closed");
+  }
+
+  isClosed(): boolean {
+    return this.#finished;
+  }
+
+  /** The mux died: fail without telling the peer. */
+  lost(error: Error): void {
+    this.#finish(error);
+  }
+}
+
+/** What the owner of a {@link Mux} hears. */
+export interface MuxEvents {
+  /** The peer opened stream `stream` with this OPEN payload; absent where peers may not open. */
+  onOpen?: (stream: MuxStream, request: Uint8Array) => void;
+  /** A control message arrived (already decoded; the owner checks its type). */
+  onControl: (message: Message) => void;
+}
+
+/** Options of a {@link Mux}. */
+export interface MuxOptions {
+  /** Streams open at once at most; an OPEN beyond it is reset. */
+  maxStreams: number;
+  /** Round-trip time seen during the handshake, for window growth. */
+  rttMs: number;
+  /** Where grown windows are counted; {@link DEFAULT_BUDGET} if absent. */
+  budget?: WindowBudget;
+}
+
+/**
+ * Streams over one connection: reads frames and dispatches them, and writes frames in
+ * batches, control frames first, then data in turns among the streams with something to send.
+ */
+export class Mux {
+  readonly link: Stream;
+  readonly budget: WindowBudget;
+  readonly rttMs: number;
+  readonly streams = new Map<number, MuxStream>();
+  /** Time of the last frame from the peer (performance.now()). */
+  lastHeard = performance.now();
+  #events: MuxEvents;
+  #maxStreams: number;
+  #nextId = 1;
+  #highestPeerId = 0;
+  #control: { bytes: Uint8Array; resolve?: () => void }[] = [];
+  #controlBytes = 0;
+  #round: MuxStream[] = [];
+  #flushing = false;
+  #closed = false;
+  #closeReason: Error | undefined;
+  #heartbeat: ReturnType<typeof setInterval> | undefined;
+  #closeWhenIdle: Error | undefined;
+  #closeAfterFlush: Error | undefined;
+
+  constructor(link: Stream, events: MuxEvents, options: MuxOptions) {
+    this.link = link;
+    this.#events = events;
+    this.#maxStreams = options.maxStreams;
+    this.rttMs = options.rttMs;
+    this.budget = options.budget ?? DEFAULT_BUDGET;
+  }
+
+  /** Whether the connection is over. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /**
+   * Reads and dispatches frames until the connection ends, then closes it (every stream is
+   * over afterwards). Resolves with why it ended: a protocol or connection error, a local
+   * {@link close}, or the peer's end of stream.
+   */
+  async run(): Promise<Error> {
+    const parser = new FrameParser((type, id, payload) => this.#frame(type, id, payload));
+    // Without readChunk: one buffer, small while the connection is idle (a fleet of idle
+    // clients holds one each), doubled whenever a read fills it.
+    let buf = this.link.readChunk ? undefined : new Uint8Array(READ_BUFFER_MIN);
+    let reason = new Error("connection closed by the peer");
+    try {
+      while (!this.#closed) {
+        let chunk: Uint8Array | null;
+        if (buf) {
+          const n = await this.link.read(buf);
+          chunk = n === null ? null : buf.subarray(0, n);
+          if (n === buf.length && n < READ_BUFFER_MAX) {
+            if (chunk) parser.push(chunk, false);
+            this.lastHeard = performance.now();
+            buf = new Uint8Array(n * 2);
+            continue;
+          }
+        } else {
+          chunk = await this.link.readChunk!();
+        }
+        if (chunk === null) break;
+        this.lastHeard = performance.now();
+        parser.push(chunk, buf === undefined);
+      }
+    } catch (err) {
+      reason = err as Error;
+    }
+    this.close(reason);
+    return this.#closeReason!;
+  }
+
+  #frame(type: FrameKind, id: number, payload: Uint8Array): void {
+    if (this.#closed) return;
+    switch (type) {
+      case FrameType.CONTROL:
+        return this.#events.onControl(decodeMessage(payload));
+      case FrameType.OPEN:
+        return this.#opened(id, payload);
+    }
+    const stream = this.streams.get(id);
+    if (!stream) {
+      // Frames may still be in flight for a stream that ended here; none may name a stream
+      // that was never opened.
+      if (id > Math.max(this.#highestPeerId, this.#nextId - 1)) {
+        throw new ProtocolError(`frame for stream ${id}, which was never opened`);
+      }
+      return;
+    }
+    switch (type) {
+      case FrameType.DATA:
+        return stream.received(payload);
+      case FrameType.WINDOW: {
+        const n = new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0);
+        if (n === 0) throw new ProtocolError("WINDOW frame of 0 bytes");
+        return stream.granted(n);
+      }
+      case FrameType.FIN:
+        return stream.ended();
+      case FrameType.RESET:
+        return stream.resetByPeer(decoder.decode(payload));
+    }
+  }
+
+  #opened(id: number, payload: Uint8Array): void {
+    if (!this.#events.onOpen) throw new ProtocolError("OPEN frame from a peer that may not open");
+    if (id <= this.#highestPeerId) {
+      throw new ProtocolError(`OPEN for stream ${id}, not above the last one opened`);
+    }
+    this.#highestPeerId = id;
+    const stream = new MuxStream(this, id);
+    this.streams.set(id, stream);
+    if (this.streams.size > this.#maxStreams) {
+      return stream.reset(`too many tunnels open at once (${this.#maxStreams})`);
+    }
+    this.#events.onOpen(stream, payload);
+  }
+
+  /** Opens a stream with this OPEN payload; data may follow at once, within the credit. */
+  open(request: Uint8Array): MuxStream {
+    if (this.#closed) throw this.#closeReason ?? new Error("connection closed");
+    const stream = new MuxStream(this, this.#nextId++);
+    this.streams.set(stream.id, stream);
+    this.queueControl(muxFrame(FrameType.OPEN, stream.id, request));
+    return stream;
+  }
+
+  /** Sends a control message; resolves once it is written. */
+  sendControl(message: Message): Promise<void> {
+    if (this.#closed) return Promise.reject(this.#closeReason ?? new Error("connection closed"));
+    return new Promise((resolve) => {
+      this.queueControl(muxFrame(FrameType.CONTROL, 0, encodeMessage(message)), resolve);
+    });
+  }
+
+  /** Queues a frame ahead of all stream data. */
+  queueControl(bytes: Uint8Array, resolve?: () => void): void {
+    if (this.#closed) return resolve?.();
+    this.#control.push({ bytes, resolve });
+    this.#controlBytes += bytes.length;
+    if (this.#controlBytes > MAX_CONTROL_QUEUE_BYTES) {
+      this.close(new Error("the peer does not read what we send"));
+      return;
+    }
+    this.#kick();
+  }
+
+  /** `stream` has something to send: give it a turn. */
+  ready(stream: MuxStream): void {
+    if (stream.inRound || !stream.sendable) return;
+    stream.inRound = true;
+    this.#round.push(stream);
+    this.#kick();
+  }
+
+  /** Drops a finished stream and returns its grown window to the budget. */
+  forget(stream: MuxStream, grown: number): void {
+    this.streams.delete(stream.id);
+    if (grown > 0) this.budget.release(grown);
+    if (this.#closeWhenIdle && this.streams.size === 0) this.#closeSoon(this.#closeWhenIdle);
+  }
+
+  /** Closes the connection once no stream is open (at once if none is). */
+  closeWhenIdle(reason: Error): void {
+    this.#closeWhenIdle = reason;
+    if (this.streams.size === 0) this.#closeSoon(reason);
+  }
+
+  /** Closes after what is queued has been written (a FIN or RESET may still be on its way). */
+  #closeSoon(reason: Error): void {
+    if (this.#closed) return;
+    if (!this.#flushing && this.#control.length === 0) return this.close(reason);
+    this.#closeAfterFlush = reason;
+  }
+
+  #kick(): void {
+    if (this.#flushing || this.#closed) return;
+    this.#flushing = true;
+    queueMicrotask(() => this.#flush());
+  }
+
+  async #flush(): Promise<void> {
+    try {
+      while (!this.#closed) {
+        const parts: Uint8Array[] = [];
+        const done: (() => void)[] = [];
+        let size = 0;
+        while (this.#control.length > 0 && size < BATCH_BYTES) {
+          const item = this.#control.shift()!;
+          this.#controlBytes -= item.bytes.length;
+          parts.push(item.bytes);
+          size += item.bytes.length;
+          if (item.resolve) done.push(item.resolve);
+        }
+        while (this.#round.length > 0 && size < BATCH_BYTES) {
+          const stream = this.#round.shift()!;
+          stream.inRound = false;
+          if (!stream.sendable) continue;
+          // Alone, a stream may fill the batch; with others waiting, it gets a quantum.
+          const quantum = this.#round.length === 0 ? BATCH_BYTES - size : QUANTUM_BYTES;
+          size += stream.emit(parts, done, quantum);
+          this.ready(stream);
+        }
+        if (parts.length === 0) break;
+        const batch = parts.length === 1 ? parts[0] : concat(parts, size);
+        for (const resolve of done) resolve();
+        await this.link.write(batch);
+      }
+    } catch (err) {
+      this.close(err as Error);
+    } finally {
+      this.#flushing = false;
+    }
+    if (this.#closed) return;
+    if (this.#control.length > 0 || this.#round.length > 0) this.#kick();
+    else if (this.#closeAfterFlush) this.close(this.#closeAfterFlush);
+  }
+
+  /**
+   * Sends a ping every `intervalMs` and closes the connection once nothing has been heard for
+   * {@link HEARTBEAT_MISSES} intervals.
+   */
+  startHeartbeat(intervalMs: number): void {
+    this.#heartbeat = setInterval(() => {
+      if (performance.now() - this.lastHeard > HEARTBEAT_MISSES * intervalMs) {
+        this.close(new Error(`nothing heard for ${HEARTBEAT_MISSES * intervalMs / 1000} s`));
+        return;
+      }
+      this.sendControl({ type: "ping" }).catch(() => {});
+    }, intervalMs);
+  }
+
+  /**
+   * Sends a last control message (best effort: written, or given up after `timeoutMs`), then
+   * closes.
+   */
+  async goodbye(message: Message, reason: Error, timeoutMs = 1000): Promise<void> {
+    if (this.#closed) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.sendControl(message).catch(() => {}),
+      new Promise<void>((resolve) => timer = setTimeout(resolve, timeoutMs)),
+    ]);
+    clearTimeout(timer);
+    this.close(reason);
+  }
+
+  /** Closes the connection; every stream fails with `reason`. */
+  close(reason: Error = new Error("connection closed")): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#closeReason = reason;
+    clearInterval(this.#heartbeat);
+    for (const item of this.#control.splice(0)) item.resolve?.();
+    this.#round = [];
+    for (const stream of [...this.streams.values()]) stream.lost(reason);
+    this.link.close();
+  }
+
+  /** Why the connection closed, once it has. */
+  get closeReason(): Error | undefined {
+    return this.#closeReason;
+  }
+}
+
+function concat(parts: Uint8Array[], size: number): Uint8Array {
+  const out = new Uint8Array(size);
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+/**
+ * Relays a local socket and a stream until both directions end: what the stream receives goes
+ * into `local`, what `local` sends goes out on the stream. Closes `local` at the end; resolves
+ * with the stream's result (`sent` = bytes from `local`).
+ */
+export async function relay(local: Stream, stream: MuxStream): Promise<StreamResult> {
+  stream.attach(local);
+  const pump = async () => {
+    let size = RELAY_BUFFER_MIN;
+    let buf = new Uint8Array(size);
+    let full = 0;
+    for (;;) {
+      const n = await local.read(buf);
+      if (n === null) break;
+      await stream.write(buf.subarray(0, n));
+      // Only a sustained stream earns a bigger buffer: short exchanges stay small and cheap.
+      full = n === size ? full + 1 : 0;
+      if (full >= 4 && size < RELAY_BUFFER_MAX) {
+        buf = new Uint8Array(size *= 2);
+        full = 0;
+      }
+    }
+    await stream.closeWrite();
+  };
+  pump().catch((err) => {
+    if (!stream.isClosed()) stream.reset(`local read failed: ${(err as Error).message}`);
+  });
+  const result = await stream.done;
+  local.close();
+  return result;
+}

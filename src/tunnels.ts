@@ -1,0 +1,169 @@
+/**
+ * The server's live tunnels: each a stream on its client's connection relayed to a user, with
+ * the limits on how many may live at once, their counters, and their log lines.
+ * @module
+ */
+import type { ServerConfig, ServiceConfig } from "./config.ts";
+import { encodeOpen } from "./protocol.ts";
+import { type MuxStream, relay, type StreamResult } from "./mux.ts";
+import type { Session } from "./registry.ts";
+import type { Stream } from "./transport.ts";
+import { log } from "./log.ts";
+
+const logger = log("server");
+
+/** A live tunnel as the status page shows it. */
+export interface TunnelInfo {
+  /** Sequence number, unique for the server's lifetime. */
+  id: number;
+  /** Public port of the service. */
+  service: number;
+  client: string;
+  /** The user's address. */
+  user: string;
+  /** Unix time in ms when the tunnel opened. */
+  started: number;
+  /** Bytes from the user to the client's service so far. */
+  bytesUp: number;
+  /** Bytes from the client's service to the user so far. */
+  bytesDown: number;
+}
+
+/** Per-service counters that outlive the tunnels they count. */
+export interface ServiceTotals {
+  tunnels: number;
+  bytesUp: number;
+  bytesDown: number;
+}
+
+/** Every live tunnel of the server, and the totals of those that ended. */
+export class Tunnels {
+  #config: () => ServerConfig;
+  #live = new Map<TunnelInfo, MuxStream>();
+  #seq = 0;
+  #byClient = new Map<string, number>();
+  #byAddress = new Map<string, number>();
+  #totals = new Map<number, ServiceTotals>();
+  #onDrained: (() => void) | undefined;
+
+  constructor(config: () => ServerConfig) {
+    this.#config = config;
+  }
+
+  /** Live tunnels right now. */
+  get size(): number {
+    return this.#live.size;
+  }
+
+  /** Why a new tunnel for `service` from address `ip` must be refused, or null if it may open. */
+  refusal(service: ServiceConfig, ip: string): string | null {
+    const { maxTunnelsPerClient, maxTunnelsPerAddress } = this.#config();
+    const live = this.#byClient.get(service.name) ?? 0;
+    if (live >= maxTunnelsPerClient) {
+      return `client ${service.name} has ${live} live tunnels (max_tunnels_per_client)`;
+    }
+    const mine = this.#byAddress.get(ip) ?? 0;
+    if (mine >= maxTunnelsPerAddress) {
+      return `${ip} has ${mine} live tunnels (max_tunnels_per_address)`;
+    }
+    return null;
+  }
+
+  /** Opens a stream on `session` for `user` and relays the two until both ends are done. */
+  async run(user: Stream, session: Session, service: ServiceConfig): Promise<StreamResult> {
+    const stream = session.mux.open(encodeOpen({
+      host: service.host,
+      port: service.targetPort,
+      user: user.remote,
+    }));
+    const started = performance.now();
+    const info: TunnelInfo = {
+      id: ++this.#seq,
+      service: service.port,
+      client: service.name,
+      user: user.remote,
+      started: Date.now(),
+      bytesUp: 0,
+      bytesDown: 0,
+    };
+    this.#live.set(info, stream);
+    bump(this.#byClient, service.name, 1);
+    bump(this.#byAddress, user.remoteIp, 1);
+    // Bytes first, then the log line: formatting it is no reason for the user to wait.
+    const relayed = relay(user, stream);
+    logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
+      user: user.remote,
+      port: service.port,
+      client: service.name,
+      target: `${service.host}:${service.targetPort}`,
+    });
+    const result = await relayed;
+    this.#live.delete(info);
+    bump(this.#byClient, service.name, -1);
+    bump(this.#byAddress, user.remoteIp, -1);
+    const totals = this.totalsOf(service.port);
+    totals.tunnels++;
+    totals.bytesUp += result.sent;
+    totals.bytesDown += result.received;
+    if (result.error && result.received === 0 && !session.mux.closed) {
+      // Reset by the client before a byte came back: it could not, or would not, connect.
+      logger.warn(
+        "user {user} on service {port} closed: client {client} could not connect: {reason}",
+        {
+          user: user.remote,
+          port: service.port,
+          client: service.name,
+          reason: result.error.message,
+        },
+      );
+    }
+    logger.info(
+      "tunnel closed: user {user} → service {port} → client {client}; {up} bytes up, {down} bytes down, {ms} ms" +
+        (result.error ? " (cut short: {error})" : ""),
+      {
+        user: user.remote,
+        port: service.port,
+        client: service.name,
+        up: result.sent,
+        down: result.received,
+        ms: Math.round(performance.now() - started),
+        error: result.error?.message,
+      },
+    );
+    if (this.#live.size === 0) this.#onDrained?.();
+    return result;
+  }
+
+  /** The counters of service `port`, created on first use. */
+  totalsOf(port: number): ServiceTotals {
+    let totals = this.#totals.get(port);
+    if (!totals) this.#totals.set(port, totals = { tunnels: 0, bytesUp: 0, bytesDown: 0 });
+    return totals;
+  }
+
+  /** The live tunnels, with their byte counts as of now. */
+  list(): TunnelInfo[] {
+    return [...this.#live].map(([info, stream]) => ({
+      ...info,
+      bytesUp: stream.result.sent,
+      bytesDown: stream.result.received,
+    }));
+  }
+
+  /** Resolves once no tunnel is live, or after `graceMs`. */
+  async drained(graceMs: number): Promise<void> {
+    if (this.#live.size === 0) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      new Promise<void>((resolve) => this.#onDrained = resolve),
+      new Promise<void>((resolve) => timer = setTimeout(resolve, graceMs)),
+    ]);
+    clearTimeout(timer);
+  }
+}
+
+function bump(counts: Map<string, number>, key: string, by: number): void {
+  const n = (counts.get(key) ?? 0) + by;
+  if (n > 0) counts.set(key, n);
+  else counts.delete(key);
+}
