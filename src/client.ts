@@ -121,8 +121,9 @@ export class Client {
       // A refusal needs the admin; a network problem usually passes by itself; a server
       // that said goodbye is a routine restart.
       if (problem instanceof RefusedError) logger.error("{error}; retrying in {delay} s", retry);
-      else if (problem instanceof GoodbyeError) logger.info("{error}; retrying in {delay} s", retry);
-      else logger.warn("{error}; retrying in {delay} s", retry);
+      else if (problem instanceof GoodbyeError) {
+        logger.info("{error}; retrying in {delay} s", retry);
+      } else logger.warn("{error}; retrying in {delay} s", retry);
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
         this.#wakeRetry = () => {

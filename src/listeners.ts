@@ -35,8 +35,9 @@ export class ServiceListeners {
     acceptLoop(listener, `service port ${service.port}`, (conn) => {
       (conn as Deno.TcpConn).setNoDelay(true);
       // The entry's service, not the one at open: a reload may have changed it.
-      if (this.#ports.get(service.port) === entry) this.#onUser(new ConnStream(conn), entry.service);
-      else conn.close();
+      if (this.#ports.get(service.port) === entry) {
+        this.#onUser(new ConnStream(conn), entry.service);
+      } else conn.close();
     });
   }
 

@@ -617,4 +617,3 @@ export class FramedStream {
     return next;
   }
 }
-
