@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { createPrivateKey, X509Certificate } from "node:crypto";
 import { join } from "node:path";
 import { CERT_FILES } from "../src/certs.ts";
+import { writeFileExclusive } from "../src/secretfile.ts";
 import { errorLine, escapeRegExp, Process, ROOT, runScript, sh } from "./helpers.ts";
 
 const FS = ["--allow-read", "--allow-write"];
@@ -123,6 +124,26 @@ Deno.test("keygen never writes through a symlink: --force replaces it, without -
     assert.equal(await mode(keyPath), 0o600);
     assert.match(await Deno.readTextFile(keyPath), /^-----BEGIN PRIVATE KEY-----\n/);
     assert.deepEqual(await names(out), ["client.key.pem"], "no temp files left");
+  } finally {
+    await cleanup();
+  }
+});
+
+Deno.test("the key writer itself, without replace, refuses a link planted after any check", async () => {
+  // What closes the race between certs' existence check and its write: the final step is a
+  // hard link, which fails on anything at the path, a dangling symlink included.
+  const { out, victim, cleanup } = await dirs();
+  try {
+    const keyPath = join(out, "late.key.pem");
+    const planted = join(victim, "stolen.key.pem");
+    await Deno.symlink(planted, keyPath);
+    await assert.rejects(
+      writeFileExclusive(keyPath, "secret\n", { mode: 0o600, replace: false }),
+      Deno.errors.AlreadyExists,
+    );
+    assert.equal(await exists(planted), false, "written through the dangling link");
+    assert.deepEqual(await names(out), ["late.key.pem"], "temp file left behind");
+    assert.ok((await Deno.lstat(keyPath)).isSymlink, "the planted link was replaced, not refused");
   } finally {
     await cleanup();
   }
