@@ -1,15 +1,23 @@
 /**
- * `deno task certs --out DIR [--host NAME]...`: a CA and a server certificate for the
- * communication port. Refuses to overwrite existing files unless `--force`.
+ * `deno task certs [--out DIR] [--host NAME]...`: a CA and a server certificate for the
+ * communication port, by default in the repository's `certs/` folder. Refuses to replace
+ * existing files unless `--force`, and never writes through a symlink.
  * @module
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
-import { CERT_FILES, generateCertificates } from "../src/certs.ts";
+import { CERT_FILES, DEFAULT_CERTS_DIR, generateCertificates } from "../src/certs.ts";
 import { die } from "../src/cli.ts";
+import {
+  pathExists,
+  prepareOutputDir,
+  UnsafeOutputError,
+  writeFileExclusive,
+} from "../src/secretfile.ts";
 
+const PROGRAM = "natadm-certs";
 const HELP = `
-Usage: deno task certs --out DIR [--host NAME]... [--force]
+Usage: deno task certs [--out DIR] [--host NAME]... [--force]
 
 Writes a private CA and a server certificate signed by it:
   DIR/communication.ca.pem       CA certificate: every client's "cafile"
@@ -17,9 +25,11 @@ Writes a private CA and a server certificate signed by it:
   DIR/communication.crt.pem      server certificate  } the server's
   DIR/communication.key.pem      server private key  } communication_server_certificate
 
+  --out DIR     where to write (default: certs/ in this repository, which git ignores);
+                created if missing; refused if group or others can write it
   --host NAME   a name or address clients use to reach the server; repeat for several
                 (default: localhost and 127.0.0.1)
-  --force       overwrite existing files
+  --force       replace existing files (a symlink there is replaced, never followed)
 `;
 
 let values;
@@ -34,38 +44,51 @@ try {
     },
   }));
 } catch (err) {
-  die("natadm-certs", `${(err as Error).message} (see --help)`, 2);
+  die(PROGRAM, `${(err as Error).message} (see --help)`, 2);
 }
 if (values.help) {
   console.log(HELP.trim());
   Deno.exit(0);
 }
-if (!values.out) die("natadm-certs", "--out DIR is required (see --help)", 2);
+if (values.out === "") die(PROGRAM, "--out DIR must not be empty (see --help)", 2);
 const hosts = values.host?.length ? values.host : ["localhost", "127.0.0.1"];
-const out = values.out;
+const out = values.out ?? DEFAULT_CERTS_DIR;
+const force = values.force ?? false;
 const paths = Object.fromEntries(
   Object.entries(CERT_FILES).map(([k, file]) => [k, join(out, file)]),
 ) as Record<keyof typeof CERT_FILES, string>;
-if (!values.force) {
-  const existing = Object.values(paths).filter((p) => {
-    try {
-      Deno.statSync(p);
-      return true;
-    } catch {
-      return false;
+
+/** Each file and its mode: certificates are public, keys private. */
+const MODES: [keyof typeof CERT_FILES, number][] = [
+  ["caCert", 0o644],
+  ["cert", 0o644],
+  ["caKey", 0o600],
+  ["key", 0o600],
+];
+try {
+  await prepareOutputDir(out);
+  if (!force) {
+    const existing = [];
+    for (const path of Object.values(paths)) if (await pathExists(path)) existing.push(path);
+    if (existing.length) {
+      const verb = existing.length === 1 ? "exists" : "exist";
+      die(PROGRAM, `${existing.join(", ")} already ${verb}; use --force to replace`);
     }
-  });
-  if (existing.length) {
-    die("natadm-certs", `${existing.join(", ")} already exist; use --force to replace`);
   }
-}
-const pem = await generateCertificates(hosts);
-await Deno.mkdir(out, { recursive: true });
-await Deno.writeTextFile(paths.caCert, pem.caCert, { mode: 0o644 });
-await Deno.writeTextFile(paths.cert, pem.cert, { mode: 0o644 });
-for (const [path, text] of [[paths.caKey, pem.caKey], [paths.key, pem.key]]) {
-  await Deno.writeTextFile(path, text, { mode: 0o600 });
-  await Deno.chmod(path, 0o600); // mode applies only to new files; --force must tighten too
+  const pem = await generateCertificates(hosts);
+  for (const [name, mode] of MODES) {
+    try {
+      await writeFileExclusive(paths[name], pem[name], { mode, replace: force });
+    } catch (err) {
+      if (err instanceof Deno.errors.AlreadyExists) {
+        die(PROGRAM, `${paths[name]} appeared while writing; use --force to replace`);
+      }
+      throw err;
+    }
+  }
+} catch (err) {
+  if (err instanceof UnsafeOutputError) die(PROGRAM, err.message);
+  die(PROGRAM, `cannot write to ${out}: ${(err as Error).message}`);
 }
 console.log(`Wrote ${Object.values(paths).join(", ")}`);
 console.log(`Server certificate valid for: ${hosts.join(", ")}`);

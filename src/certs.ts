@@ -5,6 +5,7 @@
  */
 import * as x509 from "@peculiar/x509";
 import { isIP } from "node:net";
+import { fileURLToPath } from "node:url";
 
 x509.cryptoProvider.set(crypto);
 
@@ -18,6 +19,9 @@ export const CERT_FILES = {
   cert: "communication.crt.pem",
   key: "communication.key.pem",
 } as const;
+
+/** The repository's `certs/` folder: where `deno task certs` and `keygen` write by default. */
+export const DEFAULT_CERTS_DIR = fileURLToPath(new URL("../certs", import.meta.url));
 
 /** PEM texts of a fresh CA and a server certificate signed by it. */
 export interface GeneratedCertificates {

@@ -146,10 +146,10 @@ Deno.test("certs --host puts every name and address in the certificate", async (
   }
 });
 
-Deno.test("certs without --out or with an unknown option exits 2", async () => {
-  const missing = await certs();
-  assert.equal(missing.code, 2);
-  assert.match(errorLine(missing.stderr, "natadm-certs"), /--out DIR is required/);
+Deno.test("certs with an empty --out or an unknown option exits 2", async () => {
+  const empty = await certs("--out", "");
+  assert.equal(empty.code, 2);
+  assert.match(errorLine(empty.stderr, "natadm-certs"), /--out DIR must not be empty/);
   const bogus = await certs("--bogus");
   assert.equal(bogus.code, 2);
   assert.match(errorLine(bogus.stderr, "natadm-certs"), /'--bogus'/);
@@ -221,6 +221,25 @@ Deno.test("keygen refuses to overwrite a key file unless --force", async () => {
     assert.equal(forced.code, 0, forced.stderr);
     assert.notEqual(await Deno.readTextFile(keyPath), before);
     assert.equal(await mode(keyPath), 0o600);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("keygen's help and hint say where the key line goes: [clients] or [users.NAME]", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "natadm-keygen-" });
+  try {
+    const help = await keygen("--help");
+    assert.equal(help.code, 0, help.stderr);
+    assert.match(help.stdout, /\[clients\."NAME"\].*client/s);
+    assert.match(help.stdout, /\[users\.NAME\].*admin user/s);
+    const { code, stdout, stderr } = await keygen("--out", join(dir, "admin.key.pem"));
+    assert.equal(code, 0, stderr);
+    const lines = stdout.trimEnd().split("\n");
+    assert.match(lines.at(-1)!, /^key = "[A-Za-z0-9+/=]+"$/, "the key line is still last");
+    const hint = lines.slice(0, -1).join("\n");
+    assert.match(hint, /\[clients\."NAME"\]/);
+    assert.match(hint, /\[users\.NAME\]/);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
