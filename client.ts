@@ -6,7 +6,7 @@ import { die, onShutdown, parseCommon } from "./src/cli.ts";
 import { ConfigError, loadClientConfig } from "./src/config.ts";
 import { setupLogging } from "./src/log.ts";
 import { Client, describeError } from "./src/client.ts";
-import { clientPermissions } from "./src/permissions.ts";
+import { clientPermissions, formatPermissions } from "./src/permissions.ts";
 
 const HELP = `
 Usage: client.ts [--config FILE] [--log-level LEVEL] [--log-format text|json]
@@ -22,7 +22,8 @@ the local port.
       --check           connect once, authenticate, print the services this client
                         serves on that server, and exit (0 on success)
       --print-permissions
-                        print the exact Deno permission flags this config needs, and exit
+                        print the exact Deno permission flags this config needs, one per
+                        line, and exit
   -h, --help            show this help
   -V, --version         show the version
 
@@ -38,7 +39,7 @@ const config = await loadClientConfig(options.config).catch((err) =>
   die("natadm-client", err instanceof ConfigError ? err.message : String(err))
 );
 if (options.flags.has("print-permissions")) {
-  console.log(clientPermissions(config).join(" "));
+  console.log(formatPermissions(clientPermissions(config)));
   Deno.exit(0);
 }
 await setupLogging(options.logLevel ?? config.logLevel ?? "info", options.logFormat);

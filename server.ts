@@ -6,8 +6,12 @@ import { die, onShutdown, parseCommon } from "./src/cli.ts";
 import { ConfigError, loadServerConfig } from "./src/config.ts";
 import { log, setupLogging } from "./src/log.ts";
 import { Server } from "./src/server.ts";
-import { dirname } from "node:path";
-import { serverPermissions } from "./src/permissions.ts";
+import {
+  formatPermissions,
+  missingGrants,
+  serverGrants,
+  serverPermissions,
+} from "./src/permissions.ts";
 import { startStatusServer, statusUrl } from "./src/status.ts";
 
 const HELP = `
@@ -22,8 +26,8 @@ port of [services], bridging every user to the named client's port.
       --log-format FMT  text (default) or json
       --watch-config    reload the config when its file changes (SIGHUP always reloads)
       --print-permissions
-                        print the exact Deno permission flags this config needs, and exit
-                        (with --watch-config: including the config's directory)
+                        print the exact Deno permission flags this config needs, one per
+                        line, and exit (--watch-config needs nothing more)
   -h, --help            show this help
   -V, --version         show the version
 
@@ -39,7 +43,7 @@ const config = await loadServerConfig(options.config).catch((err) =>
   die("natadm-server", err instanceof ConfigError ? err.message : String(err))
 );
 if (options.flags.has("print-permissions")) {
-  console.log(serverPermissions(config, options.flags.has("watch-config")).join(" "));
+  console.log(formatPermissions(serverPermissions(config)));
   Deno.exit(0);
 }
 await setupLogging(options.logLevel ?? config.logLevel ?? "info", options.logFormat);
@@ -61,10 +65,32 @@ if (statusConfig && status) {
 }
 let grace = config.shutdownGrace;
 
-/** Re-reads the config; an invalid file is rejected whole and the running one stays. */
+/**
+ * Re-reads the config; an invalid file is rejected whole and the running one stays. So is one
+ * that needs a permission this process was not started with (a new port or file): that
+ * change needs a restart under the flags `--print-permissions` prints for it.
+ */
 async function reload(): Promise<void> {
   try {
     const next = await loadServerConfig(options.config);
+    // What the reload would use: communication_port, listen_host and the status page stay.
+    const missing = missingGrants(
+      serverGrants({
+        ...next,
+        communicationPort: config.communicationPort,
+        listenHost: config.listenHost,
+        status: config.status,
+      }),
+    );
+    if (missing.length) {
+      log("server").error(
+        "configuration not reloaded, the old one stays in force: this change needs a restart, " +
+          "as this process is not granted {missing} (restart it with the flags " +
+          "--print-permissions prints)",
+        { missing: missing.join(" ") },
+      );
+      return;
+    }
     grace = next.shutdownGrace;
     server.reload(next);
   } catch (err) {
@@ -74,18 +100,42 @@ async function reload(): Promise<void> {
   }
 }
 Deno.addSignalListener("SIGHUP", reload);
-if (options.flags.has("watch-config")) {
-  (async () => {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    // Watch the directory, not the file: editors and config tools save by writing a new file
-    // and renaming it over the old one, which would end a watch on the file itself.
-    for await (const event of Deno.watchFs(dirname(config.file), { recursive: false })) {
-      if (!event.paths.some((p) => p === config.file)) continue;
-      // A save comes as several events: reload once it has settled.
-      clearTimeout(timer);
-      timer = setTimeout(reload, 200);
+if (options.flags.has("watch-config")) watchConfig(config.file, reload);
+
+/**
+ * Calls `onChange` once a change to `file` has settled. It watches the file itself, not its
+ * directory, so it needs no permission beyond reading the file; an editor's save renames a
+ * new file over the old one, which ends the watch on the old file, so it then watches again.
+ */
+async function watchConfig(file: string, onChange: () => void): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const changed = () => {
+    // A save comes as several events: act once it has settled.
+    clearTimeout(timer);
+    timer = setTimeout(onChange, 200);
+  };
+  for (;;) {
+    let watcher: Deno.FsWatcher;
+    try {
+      watcher = Deno.watchFs(file, { recursive: false });
+    } catch {
+      // Between an editor's delete and its new file: look again shortly.
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      continue;
     }
-  })();
+    try {
+      for await (const event of watcher) {
+        changed();
+        if (event.kind === "remove" || event.kind === "rename") break;
+      }
+    } finally {
+      try {
+        watcher.close();
+      } catch {
+        // Closed already by leaving the loop.
+      }
+    }
+  }
 }
 onShutdown(async () => {
   await server.shutdown(grace * 1000);

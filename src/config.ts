@@ -120,6 +120,17 @@ class Reader {
     return v;
   }
 
+  /**
+   * A host name or IP address (as for `listen_host`), nothing else: it goes into Deno's
+   * `--allow-net`, where a comma or a space would grant more than the config says.
+   */
+  host(key: string, v: unknown = this.table[key]): string {
+    if (typeof v !== "string" || !isHost(v)) {
+      this.fail(key, `expected a host name or IP address, got ${describe(v)}`);
+    }
+    return v;
+  }
+
   port(key: string, v: unknown = this.table[key]): number {
     if (v === undefined) this.fail(key, "required, expected a port number (1-65535)");
     if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > 65535) {
@@ -187,6 +198,8 @@ class Reader {
       this.fail(key, `expected a file path, got ${describe(path)}`);
     }
     const full = resolve(dirname(this.file), path);
+    const problem = pathProblem(full);
+    if (problem) this.fail(key, `path ${JSON.stringify(full)} ${problem}`);
     const mode = secret ? (await Deno.stat(full).catch(() => null))?.mode : null;
     if (mode != null && (mode & 0o077) !== 0) {
       this.fail(
@@ -198,9 +211,45 @@ class Reader {
     try {
       return { path: full, text: await Deno.readTextFile(full) };
     } catch (err) {
+      if (err instanceof Deno.errors.NotCapable) {
+        // A reload naming a new file, or a start under flags printed for an older config.
+        this.fail(
+          key,
+          `cannot read ${full}: this change needs a restart, as this process is not granted ` +
+            `--allow-read=${full} (restart it with the flags --print-permissions prints)`,
+        );
+      }
       this.fail(key, `cannot read ${full}: ${(err as Error).message}`);
     }
   }
+}
+
+/**
+ * Why `path` cannot be granted exactly by Deno's `--allow-read=a,b`, or undefined: a comma
+ * would split it (Deno has no escape for one) and a control character, a newline above all,
+ * would split `--print-permissions` output, one flag per line.
+ */
+function pathProblem(path: string): string | undefined {
+  if (path.includes(",")) {
+    return "contains a comma, which Deno's --allow-read cannot express; rename it";
+  }
+  // deno-lint-ignore no-control-regex
+  if (/[\x00-\x1f\x7f]/.test(path)) return "contains a control character; rename it";
+  return undefined;
+}
+
+/** A DNS name or an IPv4 or IPv6 address (no brackets, port, comma or space). */
+function isHost(host: string): boolean {
+  return /^[A-Za-z0-9_]([A-Za-z0-9_-]*)(\.[A-Za-z0-9_]([A-Za-z0-9_-]*))*\.?$/.test(host) ||
+    (host.includes(":") && /^[0-9A-Fa-f:.]+$/.test(host));
+}
+
+/** Resolves the config file's own path, refusing one that `--allow-read` cannot name. */
+function configPath(file: string): string {
+  const full = resolve(file);
+  const problem = pathProblem(full);
+  if (problem) throw new ConfigError(`${full}: the config file's path ${problem}`);
+  return full;
 }
 
 function isTable(v: unknown): v is Table {
@@ -242,7 +291,7 @@ function statusPort(r: Reader, communicationPort: number, services: Set<number>)
 
 /** Loads, validates and resolves a server config file. */
 export async function loadServerConfig(file: string): Promise<ServerConfig> {
-  file = resolve(file);
+  file = configPath(file);
   const r: Reader = new Reader(file, await readToml(file));
   r.only([
     "communication_port",
@@ -370,7 +419,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     file,
     readFiles: [cert.path, key.path],
     communicationPort,
-    listenHost: r.string("listen_host", "0.0.0.0"),
+    listenHost: r.host("listen_host", r.string("listen_host", "0.0.0.0")),
     certPem: cert.text,
     keyPem: key.text,
     pendingTimeout: r.seconds("pending_timeout", 60, 86_400),
@@ -383,7 +432,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     status: r.has("status_port")
       ? {
         port: statusPort(r, communicationPort, seen),
-        host: r.string("status_host", "127.0.0.1"),
+        host: r.host("status_host", r.string("status_host", "127.0.0.1")),
         token: r.has("status_token") ? r.string("status_token") : undefined,
       }
       : undefined,
@@ -396,7 +445,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
 
 /** Loads, validates and resolves a client config file. */
 export async function loadClientConfig(file: string): Promise<ClientConfig> {
-  file = resolve(file);
+  file = configPath(file);
   const r: Reader = new Reader(file, await readToml(file));
   r.only([
     "name",
@@ -414,8 +463,8 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
   const problem = checkName(name);
   if (problem) r.fail("name", problem);
   const [host, port] = r.pair("remote");
-  if (typeof host !== "string" || host === "") {
-    r.fail("remote", `expected ["host", port], got ${describe(host)} as the host`);
+  if (typeof host !== "string" || !isHost(host)) {
+    r.fail("remote", `expected ["host", port] with a host name or IP, got ${describe(host)}`);
   }
   const remotePort = r.port("remote[1]", port);
   const ca = await r.file_("cafile", r.string("cafile"));
@@ -473,7 +522,9 @@ function allowList(r: Reader): { host: string; port: number }[] {
     const m = typeof entry === "string"
       ? /^(?:\[([^\]]+)\]|([^:\s]+)):([0-9]+)$/.exec(entry)
       : null;
-    if (!m) r.fail(at, `expected "host:port" (IPv6 as "[::1]:22"), got ${describe(entry)}`);
+    if (!m || !isHost(m[1] ?? m[2])) {
+      r.fail(at, `expected "host:port" (IPv6 as "[::1]:22"), got ${describe(entry)}`);
+    }
     return { host: (m[1] ?? m[2]).toLowerCase(), port: r.port(at, Number(m[3])) };
   });
 }

@@ -107,6 +107,27 @@ Deno.test("deno task install puts natadm-server and natadm-client shims in --roo
   }
 });
 
+/** The shell script both units' ExecStart runs, as bash gets it: $0 deno, $1 script, $2 config. */
+const UNIT_SCRIPT = `flags=$("$0" run --allow-read "$1" --config "$2" --print-permissions) && ` +
+  `mapfile -t perms <<<"$flags" && exec "$0" run "\${perms[@]}" "$1" --config "$2"`;
+
+/**
+ * An Exec line's words as systemd makes them: split at spaces, quotes removed (the units use
+ * no escapes), "$$" a literal "$". Fails on anything else.
+ */
+function execWords(line: string): string[] {
+  const words: string[] = [];
+  const word = /\s*(?:'([^']*)'|"([^"]*)"|([^\s'"]+))/y;
+  while (word.lastIndex < line.length) {
+    const m = word.exec(line);
+    assert(m, `cannot split at ${word.lastIndex}: ${line}`);
+    const text = m[1] ?? m[2] ?? m[3];
+    assert(!/\\|\$/.test(text.replaceAll("$$", "")), `an escape systemd would expand: ${text}`);
+    words.push(text.replaceAll("$$", "$"));
+  }
+  return words;
+}
+
 /** A unit file's `[Service]`-and-other directives as key → values, in order. */
 function parseUnit(text: string): Map<string, string[]> {
   const out = new Map<string, string[]>();
@@ -141,15 +162,16 @@ for (const [program, script] of [["server", "server.ts"], ["client", "client.ts"
       assert.equal(one(key), value, key);
     }
     // The program runs with exactly the flags its config needs: the inner `deno run` only
-    // reads the config to print them, and nothing is granted broadly.
+    // reads the config to print them, bash reads each printed line as one argument, and
+    // nothing is granted broadly.
     const exec = one("ExecStart");
-    const inner =
-      /^\/bin\/sh -c 'exec (\S+\/deno) run \$\$\((\S+\/deno) run --allow-read (\S+) --config (\S+) --print-permissions\) (\S+) --config (\S+)'$/
-        .exec(exec);
-    assert(inner, exec);
-    assert(inner[3].endsWith(`/${script}`) && inner[5] === inner[3], exec);
-    assert.equal(inner[4], inner[6]);
-    assert.doesNotMatch(exec, /--allow-net|--allow-all|\s-A\s/);
+    const [shell, ...args] = execWords(exec);
+    assert.equal(shell, "/bin/bash", exec);
+    assert.deepEqual(args.slice(0, 2), ["-c", UNIT_SCRIPT], exec);
+    assert.match(args[2], /\/deno$/);
+    assert(args[3].endsWith(`/${script}`), exec);
+    assert.equal(args[4], `/etc/natadm/${program}.toml`);
+    assert.equal(args.length, 5, exec);
     if (program === "server") {
       assert.equal(one("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
       // Ambient capabilities must be in the bounding set, so that holds exactly this one.
@@ -197,8 +219,10 @@ Deno.test({
   },
 });
 
-Deno.test("the units' ExecStart lines, pointed at a test config, run a working server and client", async () => {
-  const fixture = await Fixture.create();
+Deno.test("the units' ExecStart lines, pointed at configs in a directory with spaces and flag-like words, run a working server and client", async () => {
+  const plain = await Fixture.create();
+  const fixture = new Fixture(`${plain.dir} with space --allow-run`);
+  await Deno.rename(plain.dir, fixture.dir);
   const echo = startEcho();
   const spawned: Spawned[] = [];
   try {
@@ -217,24 +241,19 @@ Deno.test("the units' ExecStart lines, pointed at a test config, run a working s
       "client.toml",
       clientToml({ identity, communicationPort }),
     );
-    // The unit's ExecStart as systemd would run it ("$$" is a literal "$"), with its paths
-    // pointed at this checkout, this Deno and the test's configs.
+    // The unit's ExecStart as systemd would run it, with its arguments pointed at this Deno,
+    // this checkout and the test's configs.
     const command = async (program: string, config: string) => {
       const unit = parseUnit(await Deno.readTextFile(join(UNITS, `natadm-${program}.service`)));
-      const line = unit.get("ExecStart")![0];
-      const script = /^\/bin\/sh -c '(.*)'$/.exec(line)![1]
-        .replaceAll("$$", "$")
-        .replaceAll("/usr/local/bin/deno", Deno.execPath())
-        .replaceAll("/opt/natadm/", ROOT)
-        .replaceAll(`/etc/natadm/${program}.toml`, config);
-      return ["-c", script];
+      const [, c, script] = execWords(unit.get("ExecStart")![0]);
+      return [c, script, Deno.execPath(), join(ROOT, `${program}.ts`), config];
     };
     // The unit's Environment (DENO_DIR aside: this test keeps Deno's usual cache).
     const env = { NO_COLOR: "1" };
-    const server = new Spawned("/bin/sh", await command("server", serverConfig), env);
+    const server = new Spawned("/bin/bash", await command("server", serverConfig), env);
     spawned.push(server);
     await server.waitFor(/NATadm server ready/);
-    const client = new Spawned("/bin/sh", await command("client", clientConfig), env);
+    const client = new Spawned("/bin/bash", await command("client", clientConfig), env);
     spawned.push(client);
     await client.waitFor(/connected to .* as/);
     const user = await connectUser(servicePort);

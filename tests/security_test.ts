@@ -233,15 +233,15 @@ Deno.test("without an allow list the client connects only to this machine: 127.0
 // ---------------------------------------------------------------------------------------------
 // Exact Deno permissions
 
-/** The flags `--print-permissions` prints for `script` and `config`. */
-async function printedFlags(script: string, config: string): Promise<string> {
+/** The flags `--print-permissions` prints for `script` and `config`, one per line. */
+async function printedFlags(script: string, config: string): Promise<string[]> {
   const { code, stdout, stderr } = await runScript(script, [
     "--config",
     config,
     "--print-permissions",
   ]);
   assert.equal(code, 0, stderr);
-  return stdout.trim();
+  return stdout.trim().split("\n");
 }
 
 Deno.test("--print-permissions prints the server's exact flags: its ports on listen_host and its files", async () => {
@@ -261,13 +261,12 @@ Deno.test("--print-permissions prints the server's exact flags: its ports on lis
         ],
       }),
     );
-    assert.equal(
-      await printedFlags("server.ts", file),
+    assert.deepEqual(await printedFlags("server.ts", file), [
       // Services in port order, as TOML tables keyed by number come.
       `--allow-net=127.0.0.1:${communicationPort},127.0.0.1:${Math.min(a, b)},` +
-        `127.0.0.1:${Math.max(a, b)} ` +
-        `--allow-read=${file},${fixture.path(CERT_FILES.cert)},${fixture.path(CERT_FILES.key)}`,
-    );
+      `127.0.0.1:${Math.max(a, b)}`,
+      `--allow-read=${file},${fixture.path(CERT_FILES.cert)},${fixture.path(CERT_FILES.key)}`,
+    ]);
   } finally {
     await scope.close();
   }
@@ -284,17 +283,15 @@ Deno.test("--print-permissions prints the client's exact flags: the server, allo
       "listed.toml",
       clientText(identity, communicationPort, ["localhost:22", "[::1]:80", "10.0.0.5:3389"]),
     );
-    assert.equal(
-      await printedFlags("client.ts", listed),
-      `--allow-net=localhost:${communicationPort},localhost:22,[::1]:80,10.0.0.5:3389 ` +
-        read.replace("FILE", listed),
-    );
+    assert.deepEqual(await printedFlags("client.ts", listed), [
+      `--allow-net=localhost:${communicationPort},localhost:22,[::1]:80,10.0.0.5:3389`,
+      read.replace("FILE", listed),
+    ]);
     const unlisted = await fixture.write("unlisted.toml", clientText(identity, communicationPort));
-    assert.equal(
-      await printedFlags("client.ts", unlisted),
-      `--allow-net=localhost:${communicationPort},localhost,127.0.0.1,[::1] ` +
-        read.replace("FILE", unlisted),
-    );
+    assert.deepEqual(await printedFlags("client.ts", unlisted), [
+      `--allow-net=localhost:${communicationPort},localhost,127.0.0.1,[::1]`,
+      read.replace("FILE", unlisted),
+    ]);
   } finally {
     await scope.close();
   }
@@ -324,8 +321,8 @@ Deno.test("under exactly their printed flags both programs tunnel, and a target 
       "client.toml",
       clientText(identity, communicationPort, [`localhost:${allowed.port}`]),
     );
-    const serverFlags = (await printedFlags("server.ts", serverFile)).split(" ");
-    const clientFlags = (await printedFlags("client.ts", clientFile)).split(" ");
+    const serverFlags = await printedFlags("server.ts", serverFile);
+    const clientFlags = await printedFlags("client.ts", clientFile);
 
     const server = scope.spawn("server.ts", ["--config", serverFile], serverFlags);
     await server.waitFor(/NATadm server ready/);
@@ -356,7 +353,7 @@ Deno.test("Deno itself denies a connection that the client's printed flags do no
       "client.toml",
       clientText(identity, freePort(), [`localhost:${listed.port}`]),
     );
-    const flags = (await printedFlags("client.ts", clientFile)).split(" ");
+    const flags = await printedFlags("client.ts", clientFile);
     const probe = await fixture.write(
       "probe.ts",
       `try {
@@ -1283,7 +1280,7 @@ Deno.test("allow_from over IPv6: ::1/128 admits a user from ::1, 2001:db8::/32 t
 
 /** Starts the server under exactly its printed flags, as SECURITY.md tells production to. */
 async function strictServer(scope: Scope, file: string) {
-  const flags = (await printedFlags("server.ts", file)).split(" ");
+  const flags = await printedFlags("server.ts", file);
   const server = scope.spawn("server.ts", ["--config", file], flags);
   await server.waitFor(/NATadm server ready/);
   return server;
