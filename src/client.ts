@@ -30,6 +30,9 @@ const logger = log("client");
 /** First reconnect delay; each failure doubles it, up to `interval`. */
 const RETRY_FIRST_MS = 1000;
 
+/** Share of each reconnect delay taken off at random, so a fleet does not return in step. */
+const RETRY_JITTER = 0.5;
+
 /** A connection that lasted this long resets the reconnect delay to the first one. */
 const HEALTHY_MS = 30_000;
 
@@ -109,9 +112,9 @@ export class Client {
         Date.now() - this.#connectedAt >= HEALTHY_MS;
       failures = healthy || problem instanceof GoodbyeError ? 1 : failures + 1;
       // Exponential backoff with jitter, capped at `interval`: a server that is down is not
-      // hammered, and a fleet that lost it at once does not return in lockstep.
+      // hammered, and a fleet that lost it at once returns spread over half of each delay.
       const base = Math.min(interval * 1000, RETRY_FIRST_MS * 2 ** (failures - 1));
-      const delay = Math.round(base * (1 + Math.random()));
+      const delay = Math.round(base * (1 - RETRY_JITTER * Math.random()));
       const retry = {
         error: problem === undefined
           ? "connection closed"

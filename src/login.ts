@@ -63,7 +63,11 @@ export class Login {
       const penaltyKey = `${stream.remoteIp} ${hello.name}`;
       this.#penalty.fail(penaltyKey);
       this.failures++;
-      logger.warn("client from {remote} refused: {why}", { remote: stream.remote, why });
+      logger.warn(`client from {remote} refused: ${why}`, {
+        remote: stream.remote,
+        name: hello.name,
+        server: hello.server,
+      });
       const delay = this.#penalty.delay(penaltyKey);
       if (delay > 0) {
         // Made to wait: a peer that sends anything meanwhile is dropped, so nothing of it is
@@ -77,7 +81,7 @@ export class Login {
     };
     if (!this.knowsName(hello.server)) {
       return await refuse(
-        `it dialled "${hello.server}", which is not this server (server_names)`,
+        "it dialled {server}, which is not a name of this server (server_names)",
         `this server is not "${hello.server}": a client must dial the server it is configured ` +
           `for (server_names lists the names it answers to)`,
       );
@@ -85,7 +89,7 @@ export class Login {
     const key = config.clients.get(hello.name);
     if (!key) {
       return await refuse(
-        `unknown name ${JSON.stringify(hello.name)}`,
+        "unknown name {name}",
         `unknown client name "${hello.name}": the server has no [clients] entry for it`,
       );
     }
@@ -102,7 +106,7 @@ export class Login {
     const signature = fromBase64(auth.signature)!;
     if (!await verify(key, signature, authPayload(nonce, helloBytes))) {
       return await refuse(
-        `wrong key for ${JSON.stringify(hello.name)}`,
+        "wrong key for {name}",
         `authentication failed: the key does not match the one configured for "${hello.name}"`,
       );
     }

@@ -156,10 +156,17 @@ export class Server {
     const { added, removed, changed, failed } = this.#listeners.reconcile(next.services);
     for (const error of failed) logger.error("{error}", { error });
     this.#registry.reload(next, old);
-    logger.info(
-      "configuration reloaded: {added} services added, {removed} removed, {changed} changed",
-      { added, removed, changed },
-    );
+    const summary = "configuration reloaded: {added} services added, {removed} removed, " +
+      "{changed} changed";
+    if (failed.length === 0) logger.info(summary, { added, removed, changed });
+    else {
+      logger.warn(summary + ", {failed} could not listen", {
+        added,
+        removed,
+        changed,
+        failed: failed.length,
+      });
+    }
   }
 
   /**
@@ -302,6 +309,11 @@ export class Server {
         if (message.type === "ping") return;
         if (message.type === "goodbye" && session) {
           // The client is stopping: no new tunnels for it; live ones finish on this connection.
+          logger.info("client {name} is leaving ({reason}); {live} live tunnels finish first", {
+            name: hello.name,
+            reason: message.reason,
+            live: mux.streams.size,
+          });
           session.leaving = true;
           this.#registry.remove(session);
           mux.closeWhenIdle(new Error(`client said: ${message.reason}`));

@@ -96,12 +96,11 @@ Deno.test("reconnect: delays grow from 1 s, doubling, capped at interval, with t
     delays.forEach((delay, i) => {
       const base = Math.min(interval, 2 ** i);
       assert.ok(delay <= interval, `delay ${i + 1} is over interval: ${report}`);
-      // Jitter takes up to 20% off; one decimal is printed.
-      assert.ok(delay >= 0.8 * base - 0.05 && delay <= base + 0.05, `delay ${i + 1}: ${report}`);
+      // Jitter takes up to half off; one decimal is printed.
+      assert.ok(delay >= 0.5 * base - 0.05 && delay <= base + 0.05, `delay ${i + 1}: ${report}`);
       if (i > 0) {
-        // Non-decreasing, except for jitter once both are at the cap.
-        const capped = delays[i - 1] >= 0.8 * interval - 0.05;
-        assert.ok(delay >= delays[i - 1] || capped, `delays decrease: ${report}`);
+        // The ceiling doubles until the cap; jitter may put one delay below the one before.
+        assert.ok(delay >= 0.5 * Math.min(interval, 2 ** i) - 0.05, `delays shrink: ${report}`);
         const waited = logTime(lines[i]) - logTime(lines[i - 1]);
         assert.ok(waited >= delays[i - 1] * 1000 - 100, `waited ${waited} ms: ${report}`);
       }
@@ -204,7 +203,6 @@ Deno.test("dead peers: a stalled control connection is noticed by both sides; wa
     const server = await env.startServer();
     const client = await env.startClient();
     const control = await proxy.waitForConnection(1);
-    await proxy.waitForConnection(5); // and the standby connections
     await proxy.refuse(true);
     control.stall("both");
     const stalled = performance.now();
@@ -230,33 +228,6 @@ Deno.test("dead peers: a stalled control connection is noticed by both sides; wa
     assert.equal(ended, "complete", "the waiting user was not served");
     assert.deepEqual(received, payload);
     assert.ok(proxy.connections.length > before, "the client did not come back through the proxy");
-  } finally {
-    await env.scope.close();
-  }
-});
-
-Deno.test("independence: a tunnel carrying data keeps working when the control connection is cut", async () => {
-  const env = await setup({ interval: 1, proxy: true });
-  const proxy = env.proxy!;
-  try {
-    const { servicePort, identity } = env.clients[0];
-    const server = await env.startServer();
-    const client = await env.startClient();
-    const control = await proxy.waitForConnection(1);
-    await proxy.waitForConnection(5);
-    const user = await connectUser(servicePort);
-    const stream = new EchoStream(user, { pauseMs: 2 });
-    await stream.receivedAtLeast(256 * 1024);
-    control.close(); // cut the control connection only, mid-transfer
-    await server.waitFor(new RegExp(`client "${identity.name}" disconnected`), 10_000);
-    await waitUntil(() => client.count(CONNECTED) >= 2, "the client to reconnect", 10_000);
-    // The tunnel still carries traffic after the new control connection is up.
-    await stream.receivedAtLeast(stream.received + 512 * 1024);
-    await stream.finish();
-    assert.equal(stream.ended, undefined, `the tunnel ended (${stream.ended})`);
-    assert.ok(control.index === 0 && !control.live);
-    stream.stop();
-    await echoCheck(servicePort);
   } finally {
     await env.scope.close();
   }
@@ -324,7 +295,8 @@ Deno.test("client SIGTERM: stops reconnecting, the live tunnel finishes, exit 0"
     const user = await connectUser(env.clients[0].servicePort);
     await roundTrip(user);
     client.kill("SIGTERM");
-    await server.waitFor(/client "a" disconnected/);
+    // The client says goodbye: no new tunnels, but its connection stays for the live one.
+    await server.waitFor(/client "a" is leaving/);
     // Longer than two reconnect delays: traffic keeps flowing, nobody reconnects.
     const end = performance.now() + 2500;
     while (performance.now() < end) {
@@ -336,6 +308,7 @@ Deno.test("client SIGTERM: stops reconnecting, the live tunnel finishes, exit 0"
     assert.ok(!client.exited, "the client exited with a tunnel still live");
     user.close();
     assert.equal((await client.result(5000)).code, 0);
+    await server.waitFor(/client "a" disconnected/);
   } finally {
     await env.scope.close();
   }
