@@ -11,6 +11,7 @@ import { dirname, resolve } from "node:path";
 import { importPrivateKey, importPublicKey } from "./keys.ts";
 import { checkName, fromBase64 } from "./protocol.ts";
 import { Networks } from "./guard.ts";
+import { DEFAULT_MAX_HANDSHAKING, DEFAULT_MAX_HANDSHAKING_PER_ADDRESS } from "./accept.ts";
 import { isLogLevel } from "./log.ts";
 import type { LogLevel } from "@logtape/logtape";
 
@@ -52,6 +53,10 @@ export interface ServerConfig {
   maxTunnelsPerClient: number;
   /** Connections past their TLS handshake but not yet authenticated, at once. */
   maxUnauthenticated: number;
+  /** Connections still in their TLS handshake, at once; more are closed at once. */
+  maxHandshaking: number;
+  /** The same, per source address. */
+  maxHandshakingPerAddress: number;
   /** Status page and metrics: where to listen (none when `status_port` is absent). */
   status?: { host: string; port: number; token?: string };
   logLevel?: LogLevel;
@@ -243,6 +248,8 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "max_pending_users",
     "max_tunnels_per_client",
     "max_unauthenticated",
+    "max_handshaking",
+    "max_handshaking_per_address",
     "status_port",
     "status_host",
     "status_token",
@@ -367,6 +374,11 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     maxPendingUsers: r.count("max_pending_users", 128),
     maxTunnelsPerClient: r.count("max_tunnels_per_client", 4096),
     maxUnauthenticated: r.count("max_unauthenticated", 1024),
+    maxHandshaking: r.count("max_handshaking", DEFAULT_MAX_HANDSHAKING),
+    maxHandshakingPerAddress: r.count(
+      "max_handshaking_per_address",
+      DEFAULT_MAX_HANDSHAKING_PER_ADDRESS,
+    ),
     status: r.has("status_port")
       ? {
         port: statusPort(r, communicationPort, seen),

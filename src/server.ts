@@ -27,6 +27,7 @@ import {
 import { verify } from "./keys.ts";
 import { AuthPenalty } from "./guard.ts";
 import { timingSafeEqual } from "node:crypto";
+import { acceptLoop } from "./accept.ts";
 import { ConnStream, listenTls, type Stream, type TlsListener } from "./transport.ts";
 
 const logger = log("server");
@@ -209,6 +210,9 @@ export class Server {
         port: communicationPort,
         cert: this.#config.certPem,
         key: this.#config.keyPem,
+        name: "communication port",
+        maxHandshaking: this.#config.maxHandshaking,
+        maxHandshakingPerAddress: this.#config.maxHandshakingPerAddress,
         onConnection: (stream) => this.#handleConnection(stream),
         onHandshakeError: (remote, err) =>
           logger.info("TLS handshake with {remote} failed: {error}", {
@@ -414,22 +418,13 @@ export class Server {
     };
   }
 
-  async #acceptUsers(listener: Deno.Listener, port: number): Promise<void> {
-    try {
-      for await (const conn of listener) {
-        (conn as Deno.TcpConn).setNoDelay(true);
-        const service = this.#listeners.get(port)?.service;
-        if (service) this.#userArrived(new ConnStream(conn), service);
-        else conn.close();
-      }
-    } catch (err) {
-      if (!(err instanceof Deno.errors.BadResource)) {
-        logger.error("service port {port} stopped accepting: {error}", {
-          port,
-          error: (err as Error).message,
-        });
-      }
-    }
+  #acceptUsers(listener: Deno.Listener, port: number): Promise<void> {
+    return acceptLoop(listener, (conn) => {
+      (conn as Deno.TcpConn).setNoDelay(true);
+      const service = this.#listeners.get(port)?.service;
+      if (service) this.#userArrived(new ConnStream(conn), service);
+      else conn.close();
+    }, `service port ${port}`);
   }
 
   #userArrived(user: Stream, service: ServiceConfig): void {
