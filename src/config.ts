@@ -11,6 +11,7 @@ import { dirname, resolve } from "node:path";
 import { importPrivateKey, importPublicKey } from "./keys.ts";
 import { checkName, fromBase64 } from "./protocol.ts";
 import { Networks } from "./guard.ts";
+import { DEFAULT_MAX_HANDSHAKING, DEFAULT_MAX_HANDSHAKING_PER_ADDRESS } from "./accept.ts";
 import { isLogLevel } from "./log.ts";
 import type { LogLevel } from "@logtape/logtape";
 
@@ -59,6 +60,10 @@ export interface ServerConfig {
    * certificate. A client's signature covers the name it dialled.
    */
   serverNames?: string[];
+  /** Connections still in their TLS handshake, at once; more are closed at once. */
+  maxHandshaking: number;
+  /** The same, per source address. */
+  maxHandshakingPerAddress: number;
   /** Status page and metrics: where to listen (none when `status_port` is absent). */
   status?: { host: string; port: number; token?: string };
   logLevel?: LogLevel;
@@ -303,6 +308,8 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "max_unauthenticated",
     "max_tunnels_per_address",
     "server_names",
+    "max_handshaking",
+    "max_handshaking_per_address",
     "status_port",
     "status_host",
     "status_token",
@@ -429,6 +436,11 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     maxUnauthenticated: r.count("max_unauthenticated", 1024),
     maxTunnelsPerAddress: r.count("max_tunnels_per_address", 1024),
     serverNames: r.has("server_names") ? serverNames(r) : undefined,
+    maxHandshaking: r.count("max_handshaking", DEFAULT_MAX_HANDSHAKING),
+    maxHandshakingPerAddress: r.count(
+      "max_handshaking_per_address",
+      DEFAULT_MAX_HANDSHAKING_PER_ADDRESS,
+    ),
     status: r.has("status_port")
       ? {
         port: statusPort(r, communicationPort, seen),

@@ -107,6 +107,9 @@ export class Server {
         port: communicationPort,
         cert: this.#config.certPem,
         key: this.#config.keyPem,
+        name: "communication port",
+        maxHandshaking: this.#config.maxHandshaking,
+        maxHandshakingPerAddress: this.#config.maxHandshakingPerAddress,
         onConnection: (stream) => this.#handleConnection(stream),
         onHandshakeError: (remote, err) =>
           logger.info("TLS handshake with {remote} failed: {error}", {

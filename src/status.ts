@@ -11,6 +11,7 @@
 import { timingSafeEqual } from "node:crypto";
 import type { Server, ServerSnapshot } from "./server.ts";
 import { log } from "./log.ts";
+import { ACCEPT_BACKOFF_MAX_MS, ACCEPT_BACKOFF_MIN_MS } from "./accept.ts";
 
 const logger = log("status");
 
@@ -321,12 +322,11 @@ export async function handleStatusRequest(
  */
 export function startStatusServer(server: Server, options: StatusOptions): Promise<StatusServer> {
   const host = options.host ?? "127.0.0.1";
-  let http: Deno.HttpServer<Deno.NetAddr>;
-  try {
-    http = Deno.serve(
+  const serve = (port: number) =>
+    Deno.serve(
       {
         hostname: host,
-        port: options.port,
+        port,
         onListen() {},
         onError(err) {
           logger.error("status request failed: {error}", { error: (err as Error).message });
@@ -335,6 +335,9 @@ export function startStatusServer(server: Server, options: StatusOptions): Promi
       },
       (request) => handleStatusRequest(server, options.token, request),
     );
+  let http: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    http = serve(options.port);
   } catch (err) {
     return Promise.reject(
       new Error(
@@ -342,6 +345,34 @@ export function startStatusServer(server: Server, options: StatusOptions): Promi
       ),
     );
   }
+  const port = http.addr.port;
+  let closed = false;
+  // Deno.serve stops for good (and its rejection would end the process) when an accept fails,
+  // e.g. for want of file descriptors: log it and listen again, backing off until that works.
+  const restart = (delay: number) => {
+    if (closed) return;
+    try {
+      http = serve(port);
+      watch(http);
+      logger.info("status page on {host}:{port} is listening again", { host, port });
+    } catch (err) {
+      logger.debug("status page cannot listen again yet: {error}", {
+        error: (err as Error).message,
+      });
+      setTimeout(() => restart(Math.min(delay * 2, ACCEPT_BACKOFF_MAX_MS)), delay);
+    }
+  };
+  const watch = (current: Deno.HttpServer<Deno.NetAddr>) =>
+    current.finished.catch((err) => {
+      if (closed) return;
+      logger.warn("status page on {host}:{port} stopped: {error}; listening again", {
+        host,
+        port,
+        error: (err as Error).message,
+      });
+      setTimeout(() => restart(ACCEPT_BACKOFF_MIN_MS * 2), ACCEPT_BACKOFF_MIN_MS);
+    });
+  watch(http);
   if (!options.token && !["127.0.0.1", "::1", "localhost"].includes(host)) {
     logger.warn(
       "status page on {host} has no status_token: anyone who can reach the port sees every " +
@@ -350,8 +381,11 @@ export function startStatusServer(server: Server, options: StatusOptions): Promi
     );
   }
   return Promise.resolve({
-    port: http.addr.port,
-    close: () => http.shutdown(),
+    port,
+    close: () => {
+      closed = true;
+      return http.shutdown();
+    },
   });
 }
 

@@ -11,6 +11,16 @@
 import * as tls from "node:tls";
 import type { Socket } from "node:net";
 import { Buffer } from "node:buffer";
+import {
+  acceptQueueLength,
+  DEFAULT_MAX_HANDSHAKING,
+  DEFAULT_MAX_HANDSHAKING_PER_ADDRESS,
+  HandshakeCap,
+  onDescriptorsFreed,
+  openFileLimit,
+  ShedLog,
+} from "./accept.ts";
+import { log } from "./log.ts";
 
 /** A connected, bidirectional byte stream with half-close. */
 export interface Stream {
@@ -342,49 +352,203 @@ export interface ListenTlsOptions {
   onConnection: (stream: Stream) => void;
   /** Called when a connection fails before its handshake completes. */
   onHandshakeError?: (remote: string, err: Error) => void;
+  /** Names the listener in logs, e.g. "communication port"; the port number follows. */
+  name?: string;
+  /**
+   * Connections between TCP accept and the end of their TLS handshake, at once; one past it is
+   * closed at once (default {@link DEFAULT_MAX_HANDSHAKING}).
+   */
+  maxHandshaking?: number;
+  /** The same, per source address (default {@link DEFAULT_MAX_HANDSHAKING_PER_ADDRESS}). */
+  maxHandshakingPerAddress?: number;
+  /**
+   * TCP connections open at once on this listener, whatever their stage; one past it is closed
+   * at once. Default: half the open-file limit, so that this port alone cannot use up the
+   * descriptors that service ports and tunnels need.
+   */
+  maxOpen?: number;
 }
 
-/** Listens for TLS on `hostname:port`, sets no-delay on each socket, bounds each handshake. */
+/** How often a TLS listener checks that it still accepts (see {@link listenTls}). */
+const STALL_CHECK_MS = 1_000;
+
+/**
+ * Listens for TLS on `hostname:port`, sets no-delay on each socket, bounds each handshake, and
+ * closes at once connections past `maxHandshaking`, `maxHandshakingPerAddress` or `maxOpen`.
+ *
+ * A `node:tls` server in Deno stops accepting for good, without an event, once an accept fails
+ * for want of descriptors. So every {@link STALL_CHECK_MS} in which no connection came, the
+ * listener looks at its kernel accept queue: connections waiting there at two checks in a row
+ * mean it has stalled, and it listens again on the same port (retrying until it can). Where the
+ * queue cannot be read (no access to /proc), a sign of trouble stands in for it: an "error"
+ * from the server, or another accept loop recovering from running out of descriptors.
+ */
 export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
-  const server = tls.createServer({
-    cert: options.cert,
-    key: options.key,
-    minVersion: "TLSv1.2",
-    allowHalfOpen: true,
-    // Ends with "tlsClientError", where the socket is destroyed.
-    handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
-  });
-  // No-delay before the handshake, so its last flight is not held back either.
-  server.on("connection", (socket: Socket) => socket.setNoDelay(true));
-  server.on("secureConnection", (socket: tls.TLSSocket) => {
-    socket.setNoDelay(true);
-    options.onConnection(new SocketStream(socket));
-  });
-  server.on("tlsClientError", (err: Error, socket: tls.TLSSocket) => {
-    // Before the handshake completes, Deno's TLS socket knows the address only via its parent.
-    const raw = parentOf(socket);
-    const host = socket.remoteAddress ?? raw?.remoteAddress ?? "?";
-    const remote = `${host.includes(":") ? `[${host}]` : host}:${
-      socket.remotePort ?? raw?.remotePort
-    }`;
-    socket.destroy();
-    options.onHandshakeError?.(remote, err);
-  });
-  return new Promise((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(options.port, options.hostname, () => {
-      server.off("error", reject);
-      server.on("error", () => {});
-      const address = server.address();
-      const port = typeof address === "object" && address ? address.port : options.port;
-      resolve({
-        port,
-        setCertificate: (cert, key) => server.setSecureContext({ cert, key }),
-        close: () => {
-          server.close(); // stops accepting; live connections are closed by their owners
-          return Promise.resolve();
-        },
+  let cert = options.cert;
+  let key = options.key;
+  const handshaking = new HandshakeCap(
+    options.maxHandshaking ?? DEFAULT_MAX_HANDSHAKING,
+    options.maxHandshakingPerAddress ?? DEFAULT_MAX_HANDSHAKING_PER_ADDRESS,
+  );
+  const maxOpen = options.maxOpen ?? Math.max(64, Math.floor((openFileLimit() ?? 65_536) / 2));
+  let open = 0;
+  let seen = 0; // connections accepted, for the stall check
+  /** Uncounts a raw socket from `handshaking` once its handshake is over, either way. */
+  const handshakeDone = new WeakMap<Socket, () => void>();
+  /** Raw sockets closed for being past a cap: their handshake errors are not news. */
+  const shedSockets = new WeakSet<Socket>();
+  let what = `${options.name ?? "TLS listener"} ${options.port}`;
+  let shed = new ShedLog(what);
+  const logger = log("transport");
+
+  const create = () => {
+    const server = tls.createServer({
+      cert,
+      key,
+      minVersion: "TLSv1.2",
+      allowHalfOpen: true,
+      // Ends with "tlsClientError", where the socket is destroyed.
+      handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
+    });
+    server.on("connection", (socket: Socket) => {
+      seen++;
+      const address = socket.remoteAddress ?? "?";
+      const release = open < maxOpen ? handshaking.admit(address) : undefined;
+      if (!release) {
+        shedSockets.add(socket);
+        socket.destroy();
+        shed.note(
+          open >= maxOpen
+            ? `${open} open (the limit is half the open-file limit)`
+            : handshaking.count >= handshaking.max
+            ? `${handshaking.count} in their TLS handshake (max_handshaking)`
+            : `too many in their TLS handshake from ${address} (max_handshaking_per_address)`,
+        );
+        return;
+      }
+      open++;
+      handshakeDone.set(socket, release);
+      socket.once("close", () => {
+        open--;
+        release();
+      });
+      // No-delay before the handshake, so its last flight is not held back either.
+      socket.setNoDelay(true);
+    });
+    server.on("secureConnection", (socket: tls.TLSSocket) => {
+      const raw = parentOf(socket);
+      if (raw) handshakeDone.get(raw)?.();
+      socket.setNoDelay(true);
+      options.onConnection(new SocketStream(socket));
+    });
+    server.on("tlsClientError", (err: Error, socket: tls.TLSSocket) => {
+      // Before the handshake completes, Deno's TLS socket knows the address only via its parent.
+      const raw = parentOf(socket);
+      if (raw) handshakeDone.get(raw)?.();
+      socket.destroy();
+      raw?.destroy(); // destroying the TLS socket alone can leave the TCP connection open
+      if (raw && shedSockets.has(raw)) return;
+      const host = socket.remoteAddress ?? raw?.remoteAddress ?? "?";
+      const remote = `${host.includes(":") ? `[${host}]` : host}:${
+        socket.remotePort ?? raw?.remotePort
+      }`;
+      options.onHandshakeError?.(remote, err);
+    });
+    return server;
+  };
+
+  /** Listens with a new server on `port`; resolves to it, or rejects with the listen error. */
+  const bind = (port: number) =>
+    new Promise<tls.Server>((resolve, reject) => {
+      const server = create();
+      server.once("error", reject);
+      server.listen(port, options.hostname, () => {
+        server.off("error", reject);
+        server.on("error", (err: Error) => {
+          logger.warn("{what}: {error}", { what, error: err.message });
+          suspect = true; // an accept error may have stopped it
+        });
+        resolve(server);
       });
     });
+
+  let current: tls.Server | undefined;
+  let closed = false;
+  let checking = false;
+  let stalled = 0;
+  let suspect = false;
+  let seenAtCheck = 0;
+  const check = async (port: number) => {
+    if (closed || checking) return;
+    checking = true;
+    try {
+      if (current && seen !== seenAtCheck) {
+        seenAtCheck = seen;
+        stalled = 0;
+        suspect = false;
+        return;
+      }
+      if (current) {
+        const queued = await acceptQueueLength(port);
+        if (closed) return;
+        if (queued === undefined) {
+          if (!suspect) return;
+        } else if (queued === 0) {
+          stalled = 0;
+          return;
+        } else if (++stalled < 2) return;
+        suspect = false;
+        logger.warn(
+          "{what} may have stopped accepting ({queued} connections waiting), likely after " +
+            "running out of file descriptors: listening again",
+          { what, queued: queued ?? "unknown" },
+        );
+        current.close();
+        current = undefined;
+      }
+      stalled = 0;
+      try {
+        const server = await bind(port);
+        if (closed) server.close();
+        else {
+          current = server;
+          logger.info("{what} is listening again", { what });
+        }
+      } catch (err) {
+        logger.warn("{what} cannot listen again yet: {error}", {
+          what,
+          error: (err as Error).message,
+        });
+      }
+    } finally {
+      checking = false;
+    }
+  };
+
+  return bind(options.port).then((server) => {
+    current = server;
+    const address = server.address();
+    const port = typeof address === "object" && address ? address.port : options.port;
+    what = `${options.name ?? "TLS listener"} ${port}`;
+    shed = new ShedLog(what);
+    const timer = setInterval(() => check(port), STALL_CHECK_MS);
+    Deno.unrefTimer(timer);
+    const unsubscribe = onDescriptorsFreed(() => suspect = true);
+    return {
+      port,
+      setCertificate: (nextCert: string, nextKey: string) => {
+        cert = nextCert;
+        key = nextKey;
+        current?.setSecureContext({ cert, key });
+      },
+      close: () => {
+        closed = true;
+        clearInterval(timer);
+        unsubscribe();
+        current?.close(); // stops accepting; live connections are closed by their owners
+        current = undefined;
+        return Promise.resolve();
+      },
+    };
   });
 }

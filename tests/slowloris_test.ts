@@ -87,7 +87,11 @@ Deno.test("1,000 idle connections do not keep clients out, and each is dropped w
       await fixture.write(
         "server.toml",
         // max_unauthenticated stays at its default (1024): room for the silent ones and more.
+        // The handshake caps are raised so that every silent one is held until its timer (with
+        // the defaults, those from one address past max_handshaking_per_address are closed at
+        // once: exhaustion_test.ts proves that).
         fullServerToml({
+          extra: ["max_handshaking = 5000", "max_handshaking_per_address = 5000"],
           communicationPort,
           clients: [first, late],
           services: [
