@@ -32,13 +32,13 @@ export class ServiceListeners {
     }
     const entry = { listener, service };
     this.#ports.set(service.port, entry);
-    acceptLoop(listener, `service port ${service.port}`, (conn) => {
+    acceptLoop(listener, (conn) => {
       (conn as Deno.TcpConn).setNoDelay(true);
       // The entry's service, not the one at open: a reload may have changed it.
       if (this.#ports.get(service.port) === entry) {
         this.#onUser(new ConnStream(conn), entry.service);
       } else conn.close();
-    });
+    }, `service port ${service.port}`);
   }
 
   /**
