@@ -205,6 +205,8 @@ export class Client {
       },
     }, { maxStreams: this.#config.maxTunnels, rttMs });
     this.#mux = mux;
+    // A first ping at once tells the server we heard welcome: it pairs users with us now.
+    mux.sendControl({ type: "ping" }).catch(() => {});
     mux.startHeartbeat(interval * 1000);
     const ended = mux.run();
     const early = new Promise<Error>((resolve) => this.#endSession = resolve);

@@ -13,6 +13,11 @@ const logger = log("server");
 export class Session {
   /** Unix time in ms when it authenticated. */
   readonly connectedSince = Date.now();
+  /**
+   * Set once the client has spoken on the mux (its first ping follows `welcome` at once): only
+   * then are users paired with it, so a connection cut before it heard `welcome` loses nobody.
+   */
+  ready = false;
   /** Set once the session takes no new tunnels (the server or the client is going away). */
   leaving = false;
 
@@ -38,10 +43,10 @@ export class Session {
 export class Registry {
   #sessions = new Map<string, Session>();
 
-  /** The session of client `name`, if it is connected and takes tunnels. */
+  /** The session of client `name`, if it is connected, ready and takes tunnels. */
   get(name: string): Session | undefined {
     const session = this.#sessions.get(name);
-    return session && !session.leaving ? session : undefined;
+    return session?.ready && !session.leaving ? session : undefined;
   }
 
   /** Every session, including those that are leaving. */

@@ -309,6 +309,11 @@ export class Server {
     let session: Session | undefined = undefined;
     const mux = new Mux(stream, {
       onControl: (message: Message) => {
+        if (session && !session.ready) {
+          // The client heard welcome and answered: users may be paired with it now.
+          session.ready = true;
+          this.#pairing.connected(session);
+        }
         if (message.type === "ping") return;
         if (message.type === "goodbye" && session) {
           // The client is stopping: no new tunnels for it; live ones finish on this connection.
@@ -346,7 +351,6 @@ export class Server {
       mux.close(err as Error);
     }
     mux.startHeartbeat(hello.interval * 1000);
-    this.#pairing.connected(session);
     const reason = await mux.run();
     this.#registry.remove(session);
     logger.info("client {name} disconnected ({reason})", {

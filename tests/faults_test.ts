@@ -103,18 +103,18 @@ function controlAmong(proxy: FaultProxy, from: number): Promise<ProxyConnection>
   );
 }
 
-Deno.test("faults: cuts mid-heartbeat, both ways: both sides reconnect, a live tunnel is untouched", async () => {
+Deno.test("faults: cuts mid-heartbeat, both ways: both sides reconnect; a tunnel on the cut connection ends, never with wrong bytes", async () => {
   const env = await setup({ interval: 1, proxy: true });
   const proxy = env.proxy!;
   try {
     const { servicePort, identity } = env.clients[0];
     const server = await env.startServer();
     const client = await env.startClient();
-    const stream = new EchoStream(await connectUser(servicePort), { pauseMs: 5 });
-    await stream.receivedAtLeast(64 * 1024);
     const gone = new RegExp(`client "${identity.name}" disconnected`);
     let control = await controlAmong(proxy, 0);
     for (const [round, direction] of (["up", "down"] as Direction[]).entries()) {
+      const stream = new EchoStream(await connectUser(servicePort), { pauseMs: 5 });
+      await stream.receivedAtLeast(64 * 1024);
       // Wait for a heartbeat to have passed, then cut inside the next one.
       const seen = control.records(direction);
       await waitUntil(() => control.records(direction) > seen, `a ping ${direction}`, 5000);
@@ -125,31 +125,28 @@ Deno.test("faults: cuts mid-heartbeat, both ways: both sides reconnect, a live t
       await waitUntil(() => client.count(CONNECTED) > round + 1, "a reconnect", 10_000);
       control = await controlAmong(proxy, mark);
       await echoCheck(servicePort);
+      // The tunnel rode on the cut connection (as with ssh -R): it ended, with a prefix.
+      await waitUntil(() => stream.ended, "the cut tunnel to end", 10_000);
+      assert.notEqual(stream.ended, "mismatch", `byte ${stream.mismatchAt} came back wrong`);
+      stream.stop();
     }
-    await stream.finish();
-    assert.equal(stream.ended, undefined, `the live tunnel ended (${stream.ended})`);
-    stream.stop();
   } finally {
     await env.scope.close();
   }
 });
 
-Deno.test("faults: a data connection cut mid-transfer, either way: a prefix then a close, never wrong bytes", async () => {
+Deno.test("faults: the client's connection cut mid-transfer, either way: a prefix then a close, never wrong bytes", async () => {
   const env = await setup({ interval: 1, proxy: true });
   const proxy = env.proxy!;
   try {
     const { servicePort } = env.clients[0];
     await env.startServer();
     await env.startClient();
-    const control = await controlAmong(proxy, 0);
     for (const direction of ["up", "down", "up", "down"] as Direction[]) {
+      // The client's one connection carries every tunnel: find the live one, then cut it.
+      const carrying = await controlAmong(proxy, 0);
       const stream = new EchoStream(await connectUser(servicePort), { pauseMs: 1 });
       await stream.receivedAtLeast(128 * 1024);
-      // The connection carrying this user: the one that moved the most since it started.
-      const carrying = proxy.liveConnections
-        .filter((c) => c !== control)
-        .sort((a, b) => b.bytesDown - a.bytesDown)[0];
-      assert.ok(carrying && carrying.bytesDown > 128 * 1024, "no data connection found");
       carrying.cutAfter(direction, 1 + Math.floor(Math.random() * 100_000));
       await waitUntil(
         () => stream.ended,
@@ -163,9 +160,8 @@ Deno.test("faults: a data connection cut mid-transfer, either way: a prefix then
       );
       assert.ok(stream.received <= stream.sent);
       stream.stop();
-      await echoCheck(servicePort, 100_000);
+      await echoCheck(servicePort, 100_000, 15_000);
     }
-    assert.ok(control.live, "the control connection was disturbed");
     // Latency on every chunk slows the tunnel down but changes no byte.
     proxy.delay(20);
     await echoCheck(servicePort, 300_000);
