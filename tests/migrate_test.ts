@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { parse as parseToml } from "smol-toml";
-import { errorLine, Fixture, ROOT, runScript } from "./helpers.ts";
+import { errorLine, Fixture, Program, ROOT, runScript } from "./helpers.ts";
 import { CERT_FILES } from "../src/certs.ts";
 import { loadClientConfig, loadServerConfig } from "../src/config.ts";
 import { MigrateError, parsePythonConfig, type PyValue } from "../src/migrate.ts";
@@ -272,4 +272,95 @@ Deno.test("the literal parser follows Python on the subset it reads", () => {
   fails("a = lambda: 1", /t\.conf:1:5: unknown name lambda/);
   fails("\uFEFFa = 1 2", /t\.conf:1:7: expected the end of the line/);
   fails("a = 'é' é", /t\.conf:1:9: expected the end of the line .* the name é/);
+  fails("a = '😀😀' b", /t\.conf:1:10: expected the end of the line .* the name b/);
+  fails("a = '''x\ny😀''' z", /t\.conf:2:7: expected the end of the line .* the name z/);
+});
+
+/** Runs `fn` with `text` written to a file named `name` in a temp dir, removed afterwards. */
+async function withFile(
+  name: string,
+  text: string,
+  fn: (file: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "natadm-migrate-" });
+  try {
+    const file = join(dir, name);
+    await Deno.writeTextFile(file, text);
+    await fn(file);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Hostile files: each must end, within the deadline, in one error naming file:line:column. */
+const HOSTILE: [name: string, text: () => string, at: string, why: RegExp][] = [
+  ["backslash_eof.conf", () => "name = 'abc\\", "1:8", /unterminated string/],
+  ["raw_backslash_eof.conf", () => "name = r'abc\\", "1:8", /unterminated string/],
+  ["triple_backslash_eof.conf", () => "a = 1\nname = '''abc\\", "2:8", /unterminated string/],
+  [
+    "nested_20000.conf",
+    () => `name = ${"[".repeat(20_000)}${"]".repeat(20_000)}\n`,
+    "1:108",
+    /nested more than 100 deep \(MAX_NESTING\)/,
+  ],
+];
+
+for (const [name, text, at, why] of HOSTILE) {
+  Deno.test(`hostile ${name}: exits within the deadline with one error naming ${name}:${at}`, async () => {
+    await withFile(name, text(), async (file) => {
+      // The deadline kills a parser that never ends, so a hang fails the test instead of the run.
+      const { code, stdout, stderr } = await migrate([file]);
+      assert.equal(code, 1, stderr);
+      assert.equal(stdout, "");
+      assert(!/RangeError|stack/i.test(stderr), stderr);
+      const line = errorLine(stderr, "natadm-migrate");
+      assert(line.startsWith(`natadm-migrate: error: ${file}:${at}: `), line);
+      assert.match(line, why);
+    });
+  });
+}
+
+Deno.test("a 40,000-item list on one line is read in linear time, its columns exact", async () => {
+  // Items of varying width, astral characters included, so columns must count code points; the
+  // unknown name at the end makes the error name the column of the last item.
+  const items = Array.from({ length: 40_000 }, (_, i) => (i % 3 === 2 ? "'😀'" : String(i)));
+  const line = `big = [${items.join(", ")}, oops]`;
+  const column = [...line].length - "oops]".length + 1;
+  await withFile("big_list.conf", `name = 'x'\n${line}\n`, async (file) => {
+    // Linear, this takes milliseconds; recounting each token's column took minutes.
+    const started = performance.now();
+    const { code, stderr } = await new Program(
+      "cmd/migrate.ts",
+      [file],
+      ["--allow-read"],
+    ).result(10_000);
+    const elapsed = performance.now() - started;
+    assert.equal(code, 1, stderr);
+    const error = errorLine(stderr, "natadm-migrate");
+    assert(
+      error.startsWith(`natadm-migrate: error: ${file}:2:${column}: unknown name oops`),
+      error,
+    );
+    assert(elapsed < 10_000, `took ${Math.round(elapsed)} ms`);
+  });
+});
+
+Deno.test(`brackets nested exactly MAX_NESTING (100) deep parse; one more is refused`, () => {
+  // ((1,),): every level a one-item tuple.
+  const nested = (depth: number) => `a = ${"(".repeat(depth)}1${",)".repeat(depth)}`;
+  const [a] = parsePythonConfig(nested(100), "t.conf");
+  let v = a.value;
+  for (let depth = 0; depth < 100; depth++) {
+    assert(v.type === "tuple" && v.items.length === 1);
+    v = v.items[0];
+  }
+  assert.deepEqual(plain(v), 1);
+  assert.throws(
+    () => parsePythonConfig(nested(101), "t.conf"),
+    (err: Error) => {
+      assert(err instanceof MigrateError, String(err));
+      assert.match(err.message, /^t\.conf:1:105: .*nested more than 100 deep \(MAX_NESTING\)/);
+      return true;
+    },
+  );
 });
