@@ -777,27 +777,27 @@ function pathNote(paths: string[]): string[] {
   );
 }
 
-function droppedLines(
+/**
+ * Appends to `lines` each assignment whose key is not `known`, commented out, with why it was
+ * dropped. Appended line by line: a hostile file's lines are too many to spread as arguments.
+ */
+function addDropped(
+  lines: string[],
   assignments: Assignment[],
   known: string[],
   kind: string,
   dropped: Migration["dropped"],
-): string[] {
-  const lines: string[] = [];
+): void {
   for (const a of assignments) {
     if (known.includes(a.name)) continue;
-    const reason = DROPPED[a.name] ??
-      `${a.name} is not a key of the original NATadm's ${kind} config, so it had no effect ` +
-        `there either.`;
+    // Own keys only: a key named constructor or __proto__ is as unknown as any other.
+    const reason = Object.hasOwn(DROPPED, a.name) ? DROPPED[a.name] : `${a.name} is not a key ` +
+      `of the original NATadm's ${kind} config, so it had no effect there either.`;
     dropped.push({ key: a.name, reason });
-    lines.push(
-      "",
-      `# Dropped (line ${a.pos.line}):`,
-      ...a.text.split(/\r?\n|\r/).map((l) => `#   ${l}`),
-      ...comment(reason),
-    );
+    lines.push("", `# Dropped (line ${a.pos.line}):`);
+    for (const line of a.text.split(/\r?\n|\r/)) lines.push(`#   ${line}`);
+    lines.push(...comment(reason));
   }
-  return lines;
 }
 
 function migrateClient(assignments: Assignment[], file: string): Migration {
@@ -844,7 +844,7 @@ function migrateClient(assignments: Assignment[], file: string): Migration {
     lines.push(`infinite = ${v.value}`);
   }
   const dropped: Migration["dropped"] = [];
-  lines.push(...droppedLines(assignments, CLIENT_KEYS, "client", dropped));
+  addDropped(lines, assignments, CLIENT_KEYS, "client", dropped);
   const todo = [
     "Make this client's key, on the client machine, next to this file: " +
     "deno task keygen --out client.key.pem",
@@ -957,7 +957,7 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
     `communication_server_certificate = [${tomlString(cert)}, ${tomlString(key)}]`,
   ];
   const dropped: Migration["dropped"] = [];
-  lines.push(...droppedLines(assignments, SERVER_KEYS.slice(0, 3), "server", dropped));
+  addDropped(lines, assignments, SERVER_KEYS.slice(0, 3), "server", dropped);
   const todo = clientNames.length === 0
     ? [
       `Add a [clients."NAME"] table with each client's key, and a [services.PORT] table ` +
