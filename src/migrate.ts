@@ -271,8 +271,9 @@ class Tokenizer {
       if (raw) {
         // A raw string keeps the backslash, but it still protects a quote or a line break.
         if (this.#isNewline(e)) {
-          value += "\\";
+          value += "\\\n";
           this.#i++;
+          this.#newline();
           continue;
         }
         value += "\\" + e;

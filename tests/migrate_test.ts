@@ -253,6 +253,8 @@ Deno.test("the literal parser follows Python on the subset it reads", () => {
       assert.match(err.message, pattern);
       return true;
     });
+  // In a raw string a backslash keeps the line break after it, as in Python.
+  assert.deepEqual(read("j = r'a\\\nb'\nk = r'''c\\\nd'''\n"), { j: "a\\\nb", k: "c\\\nd" });
   fails("f = 'it''s", /t\.conf:1:9: unterminated string/);
   fails("a = 1\n  b = 2\n", /t\.conf:2:1: unexpected indentation/);
   fails("a = {1: 'x', True: 'y'}", /t\.conf:1:14: duplicate key 1 in the dict \(first at 1:6\)/);
