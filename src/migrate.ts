@@ -57,6 +57,15 @@ type Token =
   | { kind: "eof"; pos: Pos };
 
 const OPENERS: Record<string, string> = { "(": ")", "[": "]", "{": "}" };
+/**
+ * How deep tuples, lists and dicts may nest. The original's configs nest three levels at most;
+ * the limit keeps a hostile file from exhausting the parser's stack.
+ */
+export const MAX_NESTING = 100;
+/** A name (or a string prefix), matched at `lastIndex`. */
+const WORD = /[\p{L}\p{Nl}_][\p{L}\p{Nl}\p{Mn}\p{Mc}\p{Nd}\p{Pc}]*/uy;
+/** A number, as Python's tokenizer sees one (checked afterwards), matched at `lastIndex`. */
+const NUMBER = /(?:\d[\w.]*|\.\d[\w.]*)(?:(?<=[eE])[+-][\w.]*)?/y;
 /** Python's keywords: a line starting with one is a statement, never an assignment. */
 const KEYWORDS = new Set(
   ("and as assert async await break class continue def del elif else except finally for from " +
@@ -84,15 +93,30 @@ class Tokenizer {
   /** Open brackets, innermost last: inside them, line breaks do not end a statement. */
   #brackets: { char: string; pos: Pos }[] = [];
   #atLineStart = true;
+  /** The column of offset {@link #columnOffset}, so that columns are counted once, not per token. */
+  #column = 1;
+  #columnOffset = 0;
 
   constructor(readonly text: string, readonly file: string) {
     if (text.startsWith("\uFEFF")) this.#i = this.#lineStart = 1;
   }
 
   get pos(): Pos {
-    // Columns count characters (code points), as an editor shows them.
-    const column = [...this.text.slice(this.#lineStart, this.#i)].length + 1;
-    return { line: this.#line, column, offset: this.#i };
+    // Columns count characters (code points), as an editor shows them. They are counted on from
+    // the last position asked for on this line, so a long line costs its length once.
+    if (this.#columnOffset < this.#lineStart || this.#columnOffset > this.#i) {
+      this.#column = 1;
+      this.#columnOffset = this.#lineStart;
+    }
+    const t = this.text;
+    for (let j = this.#columnOffset; j < this.#i; j++) {
+      const unit = t.charCodeAt(j);
+      // The second half of a surrogate pair is the same character as the first.
+      const low = unit >= 0xdc00 && unit <= 0xdfff;
+      if (!low || j === this.#lineStart || !isHighSurrogate(t.charCodeAt(j - 1))) this.#column++;
+    }
+    this.#columnOffset = this.#i;
+    return { line: this.#line, column: this.#column, offset: this.#i };
   }
 
   fail(pos: Pos, message: string): never {
@@ -161,7 +185,8 @@ class Tokenizer {
     const t = this.text;
     const pos = this.pos;
     const c = t[this.#i];
-    const word = /^[\p{L}\p{Nl}_][\p{L}\p{Nl}\p{Mn}\p{Mc}\p{Nd}\p{Pc}]*/u.exec(t.slice(this.#i));
+    WORD.lastIndex = this.#i;
+    const word = WORD.exec(t);
     if (word) {
       const quote = t[this.#i + word[0].length];
       if (
@@ -179,7 +204,8 @@ class Tokenizer {
       return { kind: "name", text: word[0], pos };
     }
     if (c === "'" || c === '"') return this.#string(pos, false);
-    const number = /^(?:\d[\w.]*|\.\d[\w.]*)(?:(?<=[eE])[+-][\w.]*)?/.exec(t.slice(this.#i));
+    NUMBER.lastIndex = this.#i;
+    const number = NUMBER.exec(t);
     if (number) {
       this.#i += number[0].length;
       return { kind: "number", text: number[0], pos };
@@ -235,12 +261,19 @@ class Tokenizer {
       }
       const escapePos = this.pos;
       const e = t[this.#i + 1];
-      if (e === undefined) continue; // Reported as unterminated above.
+      if (e === undefined) {
+        // A backslash as the file's last character escapes nothing: the string never ends.
+        this.fail(
+          pos,
+          `unterminated string: the ${quote} opened here is not closed before the end of the file`,
+        );
+      }
       if (raw) {
         // A raw string keeps the backslash, but it still protects a quote or a line break.
         if (this.#isNewline(e)) {
-          value += "\\";
+          value += "\\\n";
           this.#i++;
+          this.#newline();
           continue;
         }
         value += "\\" + e;
@@ -282,6 +315,10 @@ class Tokenizer {
   }
 }
 
+function isHighSurrogate(unit: number): boolean {
+  return unit >= 0xd800 && unit <= 0xdbff;
+}
+
 /** What a token looks like in an error message. */
 function describeToken(tok: Token): string {
   switch (tok.kind) {
@@ -306,6 +343,8 @@ const VALUE_KINDS = "a value (a number, a string, True, False, None, a tuple, a 
 class Parser {
   #tokens: Tokenizer;
   #tok: Token;
+  /** Tuples, lists and dicts open around the value being parsed. */
+  #depth = 0;
 
   constructor(readonly text: string, readonly file: string) {
     this.#tokens = new Tokenizer(text, file);
@@ -425,13 +464,30 @@ class Parser {
           }
           return this.#number(num.text, tok.pos, tok.text === "-" ? -1 : 1);
         }
-        if (tok.text === "(") return this.#tuple(tok.pos);
-        if (tok.text === "[") {
-          return { type: "list", items: this.#items("]", "in the list"), pos: tok.pos };
-        }
-        if (tok.text === "{") return this.#dict(tok.pos);
+        if (tok.text in OPENERS) return this.#nested(tok);
     }
     this.fail(tok.pos, `expected ${VALUE_KINDS}, found ${describeToken(tok)}`);
+  }
+
+  /** A tuple, list or dict, its opening bracket just read; refused past {@link MAX_NESTING}. */
+  #nested(open: Token & { kind: "op" }): PyValue {
+    if (this.#depth >= MAX_NESTING) {
+      this.fail(
+        open.pos,
+        `"${open.text}": brackets nested more than ${MAX_NESTING} deep (MAX_NESTING); ` +
+          "a config of the original NATadm nests three levels at most",
+      );
+    }
+    this.#depth++;
+    try {
+      if (open.text === "(") return this.#tuple(open.pos);
+      if (open.text === "[") {
+        return { type: "list", items: this.#items("]", "in the list"), pos: open.pos };
+      }
+      return this.#dict(open.pos);
+    } finally {
+      this.#depth--;
+    }
   }
 
   #number(text: string, pos: Pos, sign: number): PyValue {
@@ -722,27 +778,27 @@ function pathNote(paths: string[]): string[] {
   );
 }
 
-function droppedLines(
+/**
+ * Appends to `lines` each assignment whose key is not `known`, commented out, with why it was
+ * dropped. Appended line by line: a hostile file's lines are too many to spread as arguments.
+ */
+function addDropped(
+  lines: string[],
   assignments: Assignment[],
   known: string[],
   kind: string,
   dropped: Migration["dropped"],
-): string[] {
-  const lines: string[] = [];
+): void {
   for (const a of assignments) {
     if (known.includes(a.name)) continue;
-    const reason = DROPPED[a.name] ??
-      `${a.name} is not a key of the original NATadm's ${kind} config, so it had no effect ` +
-        `there either.`;
+    // Own keys only: a key named constructor or __proto__ is as unknown as any other.
+    const reason = Object.hasOwn(DROPPED, a.name) ? DROPPED[a.name] : `${a.name} is not a key ` +
+      `of the original NATadm's ${kind} config, so it had no effect there either.`;
     dropped.push({ key: a.name, reason });
-    lines.push(
-      "",
-      `# Dropped (line ${a.pos.line}):`,
-      ...a.text.split(/\r?\n|\r/).map((l) => `#   ${l}`),
-      ...comment(reason),
-    );
+    lines.push("", `# Dropped (line ${a.pos.line}):`);
+    for (const line of a.text.split(/\r?\n|\r/)) lines.push(`#   ${line}`);
+    lines.push(...comment(reason));
   }
-  return lines;
 }
 
 function migrateClient(assignments: Assignment[], file: string): Migration {
@@ -789,7 +845,7 @@ function migrateClient(assignments: Assignment[], file: string): Migration {
     lines.push(`infinite = ${v.value}`);
   }
   const dropped: Migration["dropped"] = [];
-  lines.push(...droppedLines(assignments, CLIENT_KEYS, "client", dropped));
+  addDropped(lines, assignments, CLIENT_KEYS, "client", dropped);
   const todo = [
     "Make this client's key, on the client machine, next to this file: " +
     "deno task keygen --out client.key.pem",
@@ -902,7 +958,7 @@ function migrateServer(assignments: Assignment[], file: string): Migration {
     `communication_server_certificate = [${tomlString(cert)}, ${tomlString(key)}]`,
   ];
   const dropped: Migration["dropped"] = [];
-  lines.push(...droppedLines(assignments, SERVER_KEYS.slice(0, 3), "server", dropped));
+  addDropped(lines, assignments, SERVER_KEYS.slice(0, 3), "server", dropped);
   const todo = clientNames.length === 0
     ? [
       `Add a [clients."NAME"] table with each client's key, and a [services.PORT] table ` +

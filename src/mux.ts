@@ -34,7 +34,13 @@ const QUANTUM_BYTES = 16 * 1024;
 const MAX_CONTROL_QUEUE_BYTES = 1024 * 1024;
 
 /** A receive window grows only if half of it was consumed faster than this (or the RTT). */
-const GROW_FLOOR_MS = 2;
+const GROW_FLOOR_MS = 10;
+
+/**
+ * A receive window grows only once its stream has delivered this much: a user who never reads
+ * stalls before (the kernel's socket buffers take less), so its stream keeps the initial window.
+ */
+const GROW_AFTER_BYTES = 1024 * 1024;
 
 /** Queued received payloads are written to the local socket in one go up to this size. */
 const SINK_WRITE_BYTES = 256 * 1024;
@@ -77,8 +83,8 @@ export class WindowBudget {
   }
 }
 
-/** The process-wide default budget: 256 MiB of grown windows. */
-export const DEFAULT_BUDGET = new WindowBudget(256 * 1024 * 1024);
+/** The process-wide default budget: 64 MiB of grown windows (32 streams at the largest). */
+export const DEFAULT_BUDGET = new WindowBudget(64 * 1024 * 1024);
 
 /** What a stream carried and how it ended. */
 export interface StreamResult {
@@ -88,6 +94,8 @@ export interface StreamResult {
   received: number;
   /** Why it was cut short, if it was. */
   error?: Error;
+  /** Whether the peer cut it short (a RESET frame), rather than this side or the connection. */
+  resetByPeer?: boolean;
 }
 
 interface Outgoing {
@@ -131,6 +139,8 @@ export class MuxStream implements Stream {
   /** Bytes consumed and not yet granted back. */
   #unacked = 0;
   #lastGrant = performance.now();
+  /** Bytes consumed over the stream's life. */
+  #delivered = 0;
   #sink: Stream | undefined;
   #sinkBusy = false;
   #wake: (() => void) | undefined;
@@ -327,10 +337,12 @@ export class MuxStream implements Stream {
    */
   #consumed(n: number): void {
     this.#unacked += n;
+    this.#delivered += n;
     if (this.#finished || this.#remoteEnded || this.#unacked < this.#window / 2) return;
     const now = performance.now();
     let grant = this.#unacked;
-    const fast = now - this.#lastGrant < Math.max(GROW_FLOOR_MS, this.#mux.rttMs);
+    const fast = now - this.#lastGrant < Math.max(GROW_FLOOR_MS, this.#mux.rttMs) &&
+      this.#delivered >= GROW_AFTER_BYTES;
     if (fast && this.#window < MAX_WINDOW && this.#mux.budget.take(this.#window)) {
       grant += this.#window;
       this.#window *= 2;
@@ -368,6 +380,7 @@ export class MuxStream implements Stream {
 
   /** The peer reset the stream. */
   resetByPeer(reason: string): void {
+    if (!this.#finished) this.result.resetByPeer = true;
     this.#finish(new Error(reason || "reset by peer"));
   }
 

@@ -105,7 +105,7 @@ export class Tunnels {
     totals.tunnels++;
     totals.bytesUp += result.sent;
     totals.bytesDown += result.received;
-    if (result.error && result.received === 0 && !session.mux.closed) {
+    if (result.resetByPeer && result.received === 0) {
       // Reset by the client before a byte came back: it could not, or would not, connect.
       logger.warn(
         "user {user} on service {port} closed: client {client} could not connect: {reason}",

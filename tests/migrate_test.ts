@@ -253,6 +253,8 @@ Deno.test("the literal parser follows Python on the subset it reads", () => {
       assert.match(err.message, pattern);
       return true;
     });
+  // In a raw string a backslash keeps the line break after it, as in Python.
+  assert.deepEqual(read("j = r'a\\\nb'\nk = r'''c\\\nd'''\n"), { j: "a\\\nb", k: "c\\\nd" });
   fails("f = 'it''s", /t\.conf:1:9: unterminated string/);
   fails("a = 1\n  b = 2\n", /t\.conf:2:1: unexpected indentation/);
   fails("a = {1: 'x', True: 'y'}", /t\.conf:1:14: duplicate key 1 in the dict \(first at 1:6\)/);
@@ -272,4 +274,127 @@ Deno.test("the literal parser follows Python on the subset it reads", () => {
   fails("a = lambda: 1", /t\.conf:1:5: unknown name lambda/);
   fails("\uFEFFa = 1 2", /t\.conf:1:7: expected the end of the line/);
   fails("a = 'é' é", /t\.conf:1:9: expected the end of the line .* the name é/);
+  fails("a = '😀😀' b", /t\.conf:1:10: expected the end of the line .* the name b/);
+  fails("a = '''x\ny😀''' z", /t\.conf:2:7: expected the end of the line .* the name z/);
+});
+
+/** Runs `fn` with `text` written to a file named `name` in a temp dir, removed afterwards. */
+async function withFile(
+  name: string,
+  text: string,
+  fn: (file: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "natadm-migrate-" });
+  try {
+    const file = join(dir, name);
+    await Deno.writeTextFile(file, text);
+    await fn(file);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Hostile files: each must end, within the deadline, in one error naming file:line:column. */
+const HOSTILE: [name: string, text: () => string, at: string, why: RegExp][] = [
+  ["backslash_eof.conf", () => "name = 'abc\\", "1:8", /unterminated string/],
+  ["raw_backslash_eof.conf", () => "name = r'abc\\", "1:8", /unterminated string/],
+  ["triple_backslash_eof.conf", () => "a = 1\nname = '''abc\\", "2:8", /unterminated string/],
+  [
+    "nested_20000.conf",
+    () => `name = ${"[".repeat(20_000)}${"]".repeat(20_000)}\n`,
+    "1:108",
+    /nested more than 100 deep \(MAX_NESTING\)/,
+  ],
+];
+
+for (const [name, text, at, why] of HOSTILE) {
+  Deno.test(`hostile ${name}: exits within the deadline with one error naming ${name}:${at}`, async () => {
+    await withFile(name, text(), async (file) => {
+      // The deadline kills a parser that never ends, so a hang fails the test instead of the run.
+      const { code, stdout, stderr } = await migrate([file]);
+      assert.equal(code, 1, stderr);
+      assert.equal(stdout, "");
+      assert(!/RangeError|stack/i.test(stderr), stderr);
+      const line = errorLine(stderr, "natadm-migrate");
+      assert(line.startsWith(`natadm-migrate: error: ${file}:${at}: `), line);
+      assert.match(line, why);
+    });
+  });
+}
+
+Deno.test("a 40,000-item list on one line is read in linear time, its columns exact", async () => {
+  // Items of varying width, astral characters included, so columns must count code points; the
+  // unknown name at the end makes the error name the column of the last item.
+  const items = Array.from({ length: 40_000 }, (_, i) => (i % 3 === 2 ? "'😀'" : String(i)));
+  const line = `big = [${items.join(", ")}, oops]`;
+  const column = [...line].length - "oops]".length + 1;
+  await withFile("big_list.conf", `name = 'x'\n${line}\n`, async (file) => {
+    // Linear, this takes milliseconds; recounting each token's column took minutes, past the
+    // deadline of migrate().
+    const { code, stderr } = await migrate([file]);
+    assert.equal(code, 1, stderr);
+    const error = errorLine(stderr, "natadm-migrate");
+    assert(
+      error.startsWith(`natadm-migrate: error: ${file}:2:${column}: unknown name oops`),
+      error,
+    );
+  });
+});
+
+Deno.test("a dropped key of 200,000 lines, or 50,000 dropped keys, become comments", async () => {
+  // Both once ended in a RangeError: more lines than a call can take as spread arguments.
+  const client = "name = 'x'\nremote = ('example.com', 1)\ncafile = 'ca.pem'\n";
+  const variants: [name: string, extra: string, commented: RegExp, count: number][] = [
+    ["long_key.conf", `long = [${"1,\n".repeat(200_000)}]\n`, /^#   (long = \[)?1,$/, 200_000],
+    [
+      "many_keys.conf",
+      Array.from({ length: 50_000 }, (_, i) => `k${i} = ${i}\n`).join(""),
+      /^#   k\d+ = \d+$/,
+      50_000,
+    ],
+  ];
+  for (const [name, extra, commented, count] of variants) {
+    await withFile(name, client + extra, async (file) => {
+      const out = `${file}.toml`;
+      const { code, stderr } = await migrate([file, "--out", out]);
+      assert.equal(code, 0, stderr.slice(0, 2_000));
+      const toml = await Deno.readTextFile(out);
+      assert.equal(toml.split("\n").filter((l) => commented.test(l)).length, count);
+      assert.equal((parse(toml) as { name: string }).name, "x");
+    });
+  }
+});
+
+Deno.test("keys named like Object's own properties are dropped like any unknown key", async () => {
+  const keys = ["constructor", "toString", "__proto__", "hasOwnProperty"];
+  const text = "name = 'x'\nremote = ('example.com', 1)\ncafile = 'ca.pem'\n" +
+    keys.map((k) => `${k} = 1\n`).join("");
+  await withFile("proto_keys.conf", text, async (file) => {
+    const { code, stdout, stderr } = await migrate([file]);
+    assert.equal(code, 0, stderr);
+    for (const key of keys) {
+      assert.match(stderr, new RegExp(`^Dropped ${key}: ${key} is not a key of the original`, "m"));
+    }
+    assert.equal((parse(stdout) as { name: string }).name, "x");
+  });
+});
+
+Deno.test(`brackets nested exactly MAX_NESTING (100) deep parse; one more is refused`, () => {
+  // ((1,),): every level a one-item tuple.
+  const nested = (depth: number) => `a = ${"(".repeat(depth)}1${",)".repeat(depth)}`;
+  const [a] = parsePythonConfig(nested(100), "t.conf");
+  let v = a.value;
+  for (let depth = 0; depth < 100; depth++) {
+    assert(v.type === "tuple" && v.items.length === 1);
+    v = v.items[0];
+  }
+  assert.deepEqual(plain(v), 1);
+  assert.throws(
+    () => parsePythonConfig(nested(101), "t.conf"),
+    (err: Error) => {
+      assert(err instanceof MigrateError, String(err));
+      assert.match(err.message, /^t\.conf:1:105: .*nested more than 100 deep \(MAX_NESTING\)/);
+      return true;
+    },
+  );
 });
