@@ -21,7 +21,7 @@ import {
 } from "../tests/helpers.ts";
 import { CERT_FILES } from "../src/certs.ts";
 import type { Context } from "./cases.ts";
-import { activeOpens, NetNs, netnsUnavailable } from "./netns.ts";
+import { activeOpens, NetNs, netnsUnavailable, removeStale } from "./netns.ts";
 import { memory, Proc, raiseFileLimit, rssOf, stopTracked, track } from "./proc.ts";
 
 /** Heartbeat interval and reconnect-backoff cap of the fleet's clients, in seconds. */
@@ -130,7 +130,10 @@ export async function fleet(ctx: Context, fixture: Fixture, n: number): Promise<
     openFileLimit: files,
   };
   try {
-    await ns?.create();
+    if (ns) {
+      await removeStale();
+      await ns.create();
+    }
     const dir = fixture.path("fleet");
     await Deno.mkdir(dir, { recursive: true });
     const made = Date.now();
@@ -182,6 +185,9 @@ export async function fleet(ctx: Context, fixture: Fixture, n: number): Promise<
         new URL("./watch.ts", import.meta.url).pathname,
         "--port",
         String(statusPort),
+        // status.json grows with the fleet: poll a large one less often, to spare the server.
+        "--every",
+        String(Math.min(1000, Math.max(200, Math.round(n / 20)))),
       ],
       true,
     );

@@ -240,7 +240,7 @@ async function main(): Promise<void> {
   const ctx0 = { params, rec, log, iperfPath: useIperf ? tools.iperf3 : undefined };
   if (opts.wan) {
     await wan({ ...ctx0, systems: [], targets: new Targets(undefined), tidy: () => {} }, fixture);
-    await finish(rec, machine, {}, began, useIperf, []);
+    await finish(rec, machine, {}, began, false, []);
     return;
   }
   const targets = new Targets(

@@ -96,41 +96,47 @@ export interface LinkShape {
  */
 export async function linkedPair(shape: LinkShape): Promise<{ a: NetNs; b: NetNs }> {
   const a = new NetNs("a"), b = new NetNs("b");
-  await a.create();
-  await b.create();
-  const va = `nbv${Deno.pid % 100000}a`, vb = `nbv${Deno.pid % 100000}b`;
-  await run("ip", [
-    "link",
-    "add",
-    va,
-    "netns",
-    a.name,
-    "type",
-    "veth",
-    "peer",
-    "name",
-    vb,
-    "netns",
-    b.name,
-  ]);
-  for (const [ns, dev, addr] of [[a, va, "10.203.0.1/30"], [b, vb, "10.203.0.2/30"]] as const) {
-    await ns.ip(["addr", "add", addr, "dev", dev]);
-    await ns.ip(["link", "set", dev, "up"]);
-    // burst: enough for one timer tick at this rate; latency bounds the queue at ~50 ms.
-    await ns.exec("tc", [
-      "qdisc",
+  try {
+    await a.create();
+    await b.create();
+    const va = `nbv${Deno.pid % 100000}a`, vb = `nbv${Deno.pid % 100000}b`;
+    await run("ip", [
+      "link",
       "add",
-      "dev",
-      dev,
-      "root",
-      "tbf",
-      "rate",
-      shape.rate,
-      "burst",
-      "64kb",
-      "latency",
-      "50ms",
+      va,
+      "netns",
+      a.name,
+      "type",
+      "veth",
+      "peer",
+      "name",
+      vb,
+      "netns",
+      b.name,
     ]);
+    for (const [ns, dev, addr] of [[a, va, "10.203.0.1/30"], [b, vb, "10.203.0.2/30"]] as const) {
+      await ns.ip(["addr", "add", addr, "dev", dev]);
+      await ns.ip(["link", "set", dev, "up"]);
+      // burst: enough for one timer tick at this rate; latency bounds the queue at ~50 ms.
+      await ns.exec("tc", [
+        "qdisc",
+        "add",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        shape.rate,
+        "burst",
+        "64kb",
+        "latency",
+        "50ms",
+      ]);
+    }
+  } catch (err) {
+    await a.stop();
+    await b.stop();
+    throw err;
   }
   return { a, b };
 }
