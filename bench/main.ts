@@ -312,8 +312,10 @@ async function main(): Promise<void> {
       }
     }
   };
-  log("starting systems");
-  await startAll();
+  // The fleet has a server of its own: a run of only that case needs none of the systems.
+  const needSystems = [...only].some((name) => name !== "fleet");
+  if (needSystems) log("starting systems");
+  if (needSystems) await startAll();
   for (const [id, why] of Object.entries(skipped)) log(`  ${LABELS[id as SysId]} skipped: ${why}`);
 
   const ctx: Context = {
@@ -329,8 +331,10 @@ async function main(): Promise<void> {
     },
   };
 
-  log("warming up");
-  await warmUp(ctx);
+  if (needSystems) {
+    log("warming up");
+    await warmUp(ctx);
+  }
   if (want("throughput")) await throughput(ctx);
   if (want("firstbyte")) await firstByteLatency(ctx);
   if (want("interactive")) await interactiveLatency(ctx);
