@@ -37,6 +37,14 @@ export interface Params {
   idleSeconds: number;
   /** Sample-based cases are split into this many rounds, alternating the systems. */
   rounds: number;
+  /** Idle client identities of the fleet case (`--fleet N`). */
+  fleet: number;
+  /** Users arriving at once in the burst case. */
+  burst: number;
+  /** Seconds of each bulk transfer the fairness case times round trips during. */
+  fairSeconds: number;
+  /** Seconds of each HTTP load run. */
+  httpSeconds: number;
   /** Use the built-in generator/sink even when iperf3 is installed. */
   builtin: boolean;
 }
@@ -52,6 +60,10 @@ export const FULL: Omit<Params, "builtin"> = {
   tunnelBytes: 64 * 1024,
   idleSeconds: 20,
   rounds: 5,
+  fleet: 1000,
+  burst: 1000,
+  fairSeconds: 5,
+  httpSeconds: 5,
 };
 
 export const QUICK: Omit<Params, "builtin"> = {
@@ -65,6 +77,10 @@ export const QUICK: Omit<Params, "builtin"> = {
   tunnelBytes: 64 * 1024,
   idleSeconds: 5,
   rounds: 5,
+  fleet: 100,
+  burst: 200,
+  fairSeconds: 2,
+  httpSeconds: 2,
 };
 
 /** Figures by metric and system, plus errors and raw details for the JSON file. */
@@ -168,7 +184,7 @@ export function percentile(sorted: number[], p: number): number {
   return sorted[i];
 }
 
-function fmt(n: number, digits = 3): string {
+export function fmt(n: number, digits = 3): string {
   return Number.isFinite(n) ? n.toFixed(digits) : String(n);
 }
 
@@ -197,7 +213,7 @@ interface IperfJson {
   end?: { sum_received?: { bits_per_second?: number } };
 }
 
-async function iperf(
+export async function iperf(
   path: string,
   port: number,
   seconds: number,
@@ -230,7 +246,11 @@ async function iperf(
 }
 
 /** Built-in upload: write for `seconds` into the sink, half-close, wait until it hangs up. */
-async function builtinUpload(port: number, seconds: number, streams: number): Promise<number> {
+export async function builtinUpload(
+  port: number,
+  seconds: number,
+  streams: number,
+): Promise<number> {
   const chunk = new Uint8Array(256 * 1024);
   for (let i = 0; i < chunk.length; i += 65_536) {
     crypto.getRandomValues(chunk.subarray(i, i + 65_536));
@@ -262,7 +282,11 @@ async function builtinUpload(port: number, seconds: number, streams: number): Pr
 }
 
 /** Built-in download: read from the source for `seconds`. */
-async function builtinDownload(port: number, seconds: number, streams: number): Promise<number> {
+export async function builtinDownload(
+  port: number,
+  seconds: number,
+  streams: number,
+): Promise<number> {
   const start = performance.now();
   const end = start + seconds * 1000;
   const got = await Promise.all(
@@ -327,10 +351,10 @@ export async function throughput(ctx: Context): Promise<void> {
 // ---------------------------------------------------------------------------------------------
 // 2. First-byte latency
 
-const ONE = new Uint8Array([0x2a]);
+export const ONE = new Uint8Array([0x2a]);
 
 /** Fresh connection, 1 byte out, its echo back; returns milliseconds. */
-async function firstByte(port: number): Promise<number> {
+export async function firstByte(port: number): Promise<number> {
   const start = performance.now();
   const conn = await connect(port);
   try {
@@ -345,7 +369,9 @@ async function firstByte(port: number): Promise<number> {
   }
 }
 
-function latencyStats(samples: number[]): { p50: number; p90: number; p99: number; n: number } {
+export function latencyStats(
+  samples: number[],
+): { p50: number; p90: number; p99: number; n: number } {
   const sorted = [...samples].sort((a, b) => a - b);
   return {
     p50: percentile(sorted, 50),
@@ -397,7 +423,7 @@ export async function firstByteLatency(ctx: Context): Promise<void> {
 // 3. Interactive latency
 
 /** `n` 1-byte round trips on `conn`; returns each one's milliseconds. */
-async function pingPong(conn: Deno.TcpConn, n: number): Promise<number[]> {
+export async function pingPong(conn: Deno.TcpConn, n: number): Promise<number[]> {
   const out: number[] = [];
   const back = new Uint8Array(1);
   await withDeadline(conn, 60_000, async () => {

@@ -41,11 +41,38 @@ import {
 } from "./systems.ts";
 import { type Machine, renderSvg, renderTable, toJson } from "./report.ts";
 import { hotSpots, renderHotSpots } from "./profile.ts";
+import { burst } from "./burst.ts";
+import { fairness } from "./fairness.ts";
+import { fleet } from "./fleet.ts";
+import { Nginx, smallRequests } from "./http.ts";
+import { PAIR_ADDR } from "./netns.ts";
+import { wan } from "./wan.ts";
 
-const HELP = `Usage: deno task bench [--quick] [--builtin] [--log-level LEVEL]
+const CASES = [
+  "throughput",
+  "firstbyte",
+  "interactive",
+  "fairness",
+  "http",
+  "rate",
+  "concurrency",
+  "idle",
+  "burst",
+  "fleet",
+] as const;
+
+const HELP = `Usage: deno task bench [--quick] [--builtin] [--fleet N] [--wan] [--only CASES]
+                       [--without TOOLS] [--profile] [--log-level LEVEL]
 
   --quick            every case briefly (for CI): 1 s throughput, 50 first-byte connections,
-                     500 round trips, 1 s connection rate, 100 tunnels, 5 s idle
+                     500 round trips, 1 s connection rate, 100 tunnels, 5 s idle, a fleet of
+                     100 clients, a burst of 200 users, 2 s per fairness and HTTP run
+  --fleet N          idle client identities in the fleet case (default 1000, --quick 100);
+                     10000 needs the open-file hard limit at 20000 or more
+  --wan              instead of the loopback cases, the WAN profile: server and client in two
+                     network namespaces joined by a 100 Mbit/s veth link with 40 ms round trip
+                     (needs root and iproute2); writes bench/results/wan.{json,svg}
+  --only CASES       run only these cases, e.g. --only fleet,burst (${CASES.join(", ")})
   --builtin          measure throughput with the built-in generator/sink even if iperf3 exists
   --log-level LEVEL  passed to the NATadm server and client (default: their own, info)
   --without TOOLS    act as if these were not installed, e.g. --without sshd,stunnel,iperf3
@@ -61,6 +88,9 @@ const { values: opts } = parseArgs({
     builtin: { type: "boolean", default: false },
     profile: { type: "boolean", default: false },
     without: { type: "string", default: "" },
+    fleet: { type: "string" },
+    wan: { type: "boolean", default: false },
+    only: { type: "string" },
     "log-level": { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
@@ -71,6 +101,25 @@ if (opts.help) {
 }
 
 const params: Params = { ...(opts.quick ? QUICK : FULL), builtin: opts.builtin };
+if (opts.fleet !== undefined) {
+  const n = Number(opts.fleet);
+  if (!Number.isInteger(n) || n < 1 || n > 100_000) {
+    console.error(`--fleet: expected a whole number from 1 to 100000, got "${opts.fleet}"`);
+    Deno.exit(2);
+  }
+  params.fleet = n;
+}
+const only = new Set(
+  (opts.only ?? CASES.join(",")).split(",").map((s) => s.trim()).filter((s) => s),
+);
+for (const name of only) {
+  if (!(CASES as readonly string[]).includes(name)) {
+    console.error(`--only: unknown case "${name}" (known: ${CASES.join(", ")})`);
+    Deno.exit(2);
+  }
+}
+/** Whether case `name` runs in this invocation. */
+const want = (name: typeof CASES[number]) => only.has(name);
 const programArgs = opts["log-level"] ? ["--log-level", opts["log-level"]] : [];
 const RESULTS = new URL("./results/", import.meta.url).pathname;
 const log = (line: string) => console.error(line);
@@ -144,6 +193,8 @@ async function machineInfo(tools: ReturnType<typeof findTools>): Promise<Machine
       ssh: await versionLine(tools.ssh, ["-V"]),
       stunnel: await versionLine(tools.stunnel, ["-version"]),
       iperf3: await versionLine(tools.iperf3, ["--version"]),
+      nginx: await versionLine(tools.nginx, ["-v"]),
+      wrk: await versionLine(tools.wrk, ["-v"]),
     },
   };
 }
@@ -179,14 +230,34 @@ async function main(): Promise<void> {
 
   // A temp dir named for the benchmark, not like the test suite's, so that nobody cleaning up
   // stray test processes by their config path hits the benchmark's.
-  fixture = await Fixture.create(["localhost", "127.0.0.1"]);
+  // 10.203.0.1: the server's address in the WAN profile's namespace.
+  fixture = await Fixture.create(["localhost", "127.0.0.1", PAIR_ADDR.a]);
   const dir = await Deno.makeTempDir({ prefix: "nbench-" });
   await Deno.remove(dir);
   await Deno.rename(fixture.dir, dir);
   fixture = new Fixture(dir);
   const useIperf = !!tools.iperf3 && !params.builtin;
-  const targets = new Targets(useIperf ? tools.iperf3 : undefined);
+  const ctx0 = { params, rec, log, iperfPath: useIperf ? tools.iperf3 : undefined };
+  if (opts.wan) {
+    await wan({ ...ctx0, systems: [], targets: new Targets(undefined), tidy: () => {} }, fixture);
+    await finish(rec, machine, {}, began, false, []);
+    return;
+  }
+  const targets = new Targets(
+    useIperf ? tools.iperf3 : undefined,
+    tools.nginx ? new Nginx(tools.nginx, fixture.path("nginx")) : undefined,
+  );
   await targets.start();
+  if (!tools.nginx) {
+    rec.notes.push(
+      "nginx not installed (apt-get install nginx): HTTP target is the built-in server",
+    );
+  } else if (targets.nginxProblem) {
+    rec.notes.push(`nginx failed (${targets.nginxProblem}): HTTP target is the built-in server`);
+  }
+  if (!tools.wrk) {
+    rec.notes.push("wrk not installed (apt-get install wrk): HTTP load by the built-in client");
+  }
 
   const missing = (keys: (keyof typeof TOOLS)[]) => {
     const lost = keys.filter((k) => !tools[k]);
@@ -241,8 +312,10 @@ async function main(): Promise<void> {
       }
     }
   };
-  log("starting systems");
-  await startAll();
+  // The fleet has a server of its own: a run of only that case needs none of the systems.
+  const needSystems = [...only].some((name) => name !== "fleet");
+  if (needSystems) log("starting systems");
+  if (needSystems) await startAll();
   for (const [id, why] of Object.entries(skipped)) log(`  ${LABELS[id as SysId]} skipped: ${why}`);
 
   const ctx: Context = {
@@ -258,20 +331,38 @@ async function main(): Promise<void> {
     },
   };
 
-  log("warming up");
-  await warmUp(ctx);
-  await throughput(ctx);
-  await firstByteLatency(ctx);
-  await interactiveLatency(ctx);
-  await connectionRate(ctx);
+  if (needSystems) {
+    log("warming up");
+    await warmUp(ctx);
+  }
+  if (want("throughput")) await throughput(ctx);
+  if (want("firstbyte")) await firstByteLatency(ctx);
+  if (want("interactive")) await interactiveLatency(ctx);
+  if (want("fairness")) await fairness(ctx, params.fairSeconds);
+  if (want("http")) await smallRequests(ctx, params.httpSeconds, tools.wrk);
+  if (want("rate")) await connectionRate(ctx);
 
-  // Fresh processes for the memory figures: earlier cases grew heaps and buffers.
-  log("restarting systems for the concurrency case");
-  for (const sys of systems) if (!sys.skip) await sys.stop();
-  await startAll();
-  await warmUp(ctx);
-  await concurrency(ctx);
-  await idleCost(ctx, natadm);
+  if (want("concurrency") || want("idle")) {
+    // Fresh processes for the memory figures: earlier cases grew heaps and buffers.
+    log("restarting systems for the concurrency case");
+    for (const sys of systems) if (!sys.skip) await sys.stop();
+    await startAll();
+    await warmUp(ctx);
+    if (want("concurrency")) await concurrency(ctx);
+    if (want("idle")) await idleCost(ctx, natadm);
+  }
+  if (want("burst")) {
+    log("restarting systems for the burst case");
+    for (const sys of systems) if (!sys.skip) await sys.stop();
+    await startAll();
+    await warmUp(ctx);
+    await burst(ctx, params.burst);
+  }
+  if (want("fleet")) {
+    // The fleet has a server of its own: the others would only take CPU from it.
+    if (!profileDir) { for (const sys of systems) if (!sys.skip) await sys.stop(); }
+    await fleet(ctx, fixture, params.fleet);
+  }
 
   const profiles: string[] = [];
   if (profileDir) {
@@ -289,6 +380,18 @@ async function main(): Promise<void> {
     }
   }
 
+  await finish(rec, machine, skipped, began, useIperf, profiles);
+}
+
+/** Prints the table and notes, and writes the JSON and SVG records. */
+async function finish(
+  rec: Recorder,
+  machine: Machine,
+  skipped: Partial<Record<SysId, string>>,
+  began: number,
+  useIperf: boolean,
+  profiles: string[],
+): Promise<void> {
   const seconds = (performance.now() - began) / 1000;
   machine.loadavg.end = await loadavg();
   const table = renderTable(rec, params, skipped);
@@ -307,7 +410,12 @@ async function main(): Promise<void> {
   for (const error of rec.errors) console.log(`error: ${error}`);
 
   await Deno.mkdir(RESULTS, { recursive: true });
-  const base = params.quick ? "quick" : "latest";
+  // The README's figures come from latest.json: a WAN or --only run must not overwrite it.
+  const base = opts.wan
+    ? (params.quick ? "quick-wan" : "wan")
+    : only.size < CASES.length
+    ? "partial"
+    : (params.quick ? "quick" : "latest");
   const json = toJson(rec, params, machine, skipped, seconds, useIperf ? "iperf3" : "built-in");
   await Deno.writeTextFile(`${RESULTS}${base}.json`, JSON.stringify(json, null, 2) + "\n");
   await Deno.writeTextFile(`${RESULTS}${base}.svg`, renderSvg(rec, params, machine));

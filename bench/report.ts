@@ -4,6 +4,7 @@
  */
 import { LABELS, type SysId, SYSTEM_IDS } from "./systems.ts";
 import type { Params, Recorder } from "./cases.ts";
+import { FLEET_INTERVAL } from "./fleet.ts";
 
 /** One row of the table. */
 export interface Metric {
@@ -47,7 +48,37 @@ export function metrics(p: Params): Metric[] {
     m("idle_bpm", "idle control conn (int. 5)", "B/min", 0, false),
     m("connect_b", "  control connect + auth", "B", 0, false),
     m("seed_bpm", "seed polling (TLS per 5 s)", "B/min", 0, false),
+    m("fleet_ok", `fleet: ${p.fleet} idle clients up`, `/${p.fleet}`, 0, false),
+    m("fleet_srv_rss", "  server RSS/client", "KiB", 1, false),
+    m("fleet_srv_fd", "  server fds/client", "", 2, false),
+    m("fleet_cli_rss", "  client RSS/identity", "KiB", 1, false),
+    m("fleet_back_s", "  all back after restart", "s", 1, false),
+    m("fleet_connects", "  TCP connects/client then", "", 2, false),
+    m("burst_ok", `burst: ${p.burst} users at once`, `/${p.burst}`, 0, false),
+    m("burst_ms", "  then echo 64 KiB on all", "ms", 0),
+    m("burst_pub_per", "  public-side RSS/tunnel", "KiB", 1),
+    m("fair_up_p50", "RTT during bulk up p50", "ms", 3),
+    m("fair_up_p99", "RTT during bulk up p99", "ms", 3),
+    m("fair_down_p50", "RTT during bulk down p50", "ms", 3),
+    m("fair_down_p99", "RTT during bulk down p99", "ms", 3),
+    m("http_ka_rps", "HTTP 4 KiB keep-alive", "req/s", 0),
+    m("http_ka_p50", "  latency p50", "ms", 3),
+    m("http_ka_p99", "  latency p99", "ms", 3),
+    m("http_close_rps", "HTTP 4 KiB conn: close", "req/s", 0),
+    m("http_close_p50", "  latency p50", "ms", 3),
+    m("http_close_p99", "  latency p99", "ms", 3),
+    m("wan_fb_p50", "WAN first byte p50", "ms", 1),
+    m("wan_fb_p99", "WAN first byte p99", "ms", 1),
+    m("wan_up", "WAN upload", "MB/s", 2),
+    m("wan_down", "WAN download", "MB/s", 2),
+    m("wan_fair_up_p99", "WAN RTT during bulk up p99", "ms", 1),
+    m("wan_fair_down_p99", "WAN RTT during bulk down p99", "ms", 1),
   ];
+}
+
+/** Rows that have at least one figure (a run without --wan has no WAN rows, and so on). */
+export function shownMetrics(rec: Recorder, p: Params): Metric[] {
+  return metrics(p).filter((m) => Object.keys(rec.values[m.key] ?? {}).length > 0);
 }
 
 /** One informational target. */
@@ -126,7 +157,55 @@ export function targets(rec: Recorder, p: Params): Target[] {
       () => cmp(v("idle_bpm", "natadm"), v("seed_bpm", "natadm"), (a, b) => a <= b / 10),
     ),
   );
-  return out;
+  const nat = (key: string) => v(key, "natadm");
+  const atMost = (key: string, limit: number, text: string) =>
+    out.push(t(key, text, () => cmp(nat(key), limit, (a, b) => a <= b)));
+  out.push(
+    t("fleet_ok", `all ${p.fleet} up`, () => cmp(nat("fleet_ok"), p.fleet, (a, b) => a === b)),
+  );
+  atMost("fleet_srv_rss", 48, "≤48 KiB");
+  atMost("fleet_srv_fd", 1.5, "≤1.5");
+  atMost("fleet_cli_rss", 64, "≤64 KiB");
+  atMost("fleet_back_s", FLEET_INTERVAL + 5, `≤${FLEET_INTERVAL + 5} s (interval + 5)`);
+  out.push(
+    t("burst_ok", `all ${p.burst} exact`, () => cmp(nat("burst_ok"), p.burst, (a, b) => a === b)),
+  );
+  atMost("burst_pub_per", 32, "≤32 KiB");
+  for (const key of ["fair_up_p99", "fair_down_p99"]) {
+    atMost(key, 10, "≤10 ms");
+    out.push(t(key, "≤2× ssh", () => cmp(nat(key), v(key, "ssh"), (a, b) => a <= 2 * b)));
+  }
+  out.push(
+    t(
+      "http_ka_rps",
+      "≥0.4× direct",
+      () => cmp(nat("http_ka_rps"), v("http_ka_rps", "direct"), (a, b) => a >= 0.4 * b),
+    ),
+  );
+  out.push(
+    t(
+      "http_close_rps",
+      "≥1.0× ssh",
+      () => cmp(nat("http_close_rps"), v("http_close_rps", "ssh"), (a, b) => a >= b),
+    ),
+  );
+  out.push(
+    t(
+      "wan_fb_p50",
+      "≤direct + 5 ms",
+      () => cmp(nat("wan_fb_p50"), v("wan_fb_p50", "direct"), (a, b) => a <= b + 5),
+    ),
+  );
+  for (const key of ["wan_up", "wan_down"]) {
+    out.push(t(key, "≥0.9× direct", () => cmp(nat(key), v(key, "direct"), (a, b) => a >= 0.9 * b)));
+  }
+  for (const key of ["wan_fair_up_p99", "wan_fair_down_p99"]) {
+    out.push(
+      t(key, "≤direct + 10 ms", () => cmp(nat(key), v(key, "direct"), (a, b) => a <= b + 10)),
+    );
+  }
+  // A target whose figure was not measured in this run (say WAN rows without --wan) is left out.
+  return out.filter((x) => Object.keys(rec.values[x.metric] ?? {}).length > 0);
 }
 
 function num(x: number | undefined, digits: number): string {
@@ -161,7 +240,7 @@ export function renderTable(
     "result",
   ];
   const rows: string[][] = [];
-  for (const m of metrics(p)) {
+  for (const m of shownMetrics(rec, p)) {
     const vals = rec.values[m.key] ?? {};
     const nat = vals.natadm;
     const mine = ts.filter((t) => t.metric === m.key);
@@ -231,7 +310,7 @@ export function toJson(
         id,
       ) => [id, skipped[id] ? { measured: false, skipped: skipped[id] } : { measured: true }]),
     ),
-    metrics: metrics(p).map((m) => ({
+    metrics: shownMetrics(rec, p).map((m) => ({
       key: m.key,
       label: m.label.trim(),
       unit: m.unit,

@@ -15,6 +15,7 @@ import {
 import { CERT_FILES } from "../src/certs.ts";
 import { descendants, findPids, Proc, run, stopTracked, track, which } from "./proc.ts";
 import { waitEcho } from "./net.ts";
+import type { Nginx } from "./http.ts";
 
 /** System ids, in table order. */
 export const SYSTEM_IDS = ["direct", "natadm", "ssh", "stunnel"] as const;
@@ -36,6 +37,8 @@ export interface TargetPorts {
   /** Built-in sink and source, always there as the fallback for throughput. */
   sink: number;
   source: number;
+  /** HTTP server with a 4 KiB file: nginx if installed, else the target process's own. */
+  http?: number;
 }
 
 type TargetName = keyof TargetPorts;
@@ -86,18 +89,29 @@ const TARGET_SCRIPT = new URL("./target.ts", import.meta.url).pathname;
 /** The target services: echo/sink/source in a Deno process, and iperf3 -s if wanted. */
 export class Targets {
   ports: TargetPorts = { echo: 0, sink: 0, source: 0 };
+  /** Why nginx could not be started (the built-in HTTP server serves instead). */
+  nginxProblem: string | undefined;
   #proc: Proc | undefined;
   #iperf: Proc | undefined;
 
-  constructor(readonly iperfPath: string | undefined) {}
+  constructor(readonly iperfPath: string | undefined, readonly nginx?: Nginx) {}
 
   async start(): Promise<void> {
     this.#proc = track(
       new Proc("target services", DENO, ["run", "--allow-net", TARGET_SCRIPT], { keepStdin: true }),
     );
     const line = await this.#proc.waitFor(/^\{"echo"/);
-    const ports = JSON.parse(line) as { echo: number; sink: number; source: number };
+    const ports = JSON.parse(line) as TargetPorts;
     this.ports = { ...ports };
+    if (this.nginx) {
+      try {
+        await this.nginx.start();
+        this.ports.http = this.nginx.port;
+      } catch (err) {
+        await this.nginx.stop();
+        this.nginxProblem = (err as Error).message.split("\n")[0];
+      }
+    }
     if (this.iperfPath) {
       this.ports.iperf = freePort();
       await this.startIperf();
@@ -123,6 +137,7 @@ export class Targets {
 
   async stop(): Promise<void> {
     await stopTracked(this.#iperf);
+    await this.nginx?.stop();
     await stopTracked(this.#proc);
   }
 }
@@ -522,6 +537,8 @@ export const TOOLS = {
   "ssh-keygen": { names: ["ssh-keygen"], pkg: "openssh-client" },
   stunnel: { names: ["stunnel", "stunnel4"], pkg: "stunnel4" },
   iperf3: { names: ["iperf3"], pkg: "iperf3" },
+  nginx: { names: ["nginx"], pkg: "nginx" },
+  wrk: { names: ["wrk"], pkg: "wrk" },
 } as const;
 
 /** Finds each tool; undefined when missing. */

@@ -1,7 +1,7 @@
 /**
  * The services behind the tunnels, in their own process so that they do not share an event
  * loop with the load generator: an echo server, a sink (reads and discards until end of
- * stream) and a source (writes until the peer goes away). Prints one JSON line with the ports,
+ * stream), a source (writes until the peer goes away) and a small HTTP server. Prints one JSON line with the ports,
  * then serves until stdin closes (the benchmark ended or died) or `--max-seconds` pass.
  * @module
  */
@@ -9,15 +9,19 @@ import { parseArgs } from "node:util";
 
 const { values } = parseArgs({
   args: Deno.args,
-  options: { "max-seconds": { type: "string", default: "3600" } },
+  options: {
+    "max-seconds": { type: "string", default: "3600" },
+    host: { type: "string", default: "127.0.0.1" },
+  },
 });
+const hostname = values.host;
 const maxMs = Number(values["max-seconds"]) * 1000;
 
 /** Longest life of one sink or source connection. */
 const CONN_MAX_MS = 600_000;
 
 function listen(handle: (conn: Deno.TcpConn) => Promise<void>): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const listener = Deno.listen({ hostname, port: 0 });
   (async () => {
     for await (const conn of listener) {
       conn.setNoDelay(true);
@@ -62,7 +66,19 @@ async function source(conn: Deno.TcpConn): Promise<void> {
   }
 }
 
-const ports = { echo: listen(echo), sink: listen(sink), source: listen(source) };
+/** The HTTP target's file: 4 KiB, served at any path. */
+const PAGE = new Uint8Array(4096).fill(0x61);
+
+/** A small HTTP server (the fallback when nginx is not installed). */
+function http(): number {
+  const server = Deno.serve(
+    { hostname, port: 0, onListen: () => {} },
+    () => new Response(PAGE, { headers: { "content-type": "application/octet-stream" } }),
+  );
+  return server.addr.port;
+}
+
+const ports = { echo: listen(echo), sink: listen(sink), source: listen(source), http: http() };
 console.log(JSON.stringify(ports));
 
 setTimeout(() => Deno.exit(0), maxMs);
