@@ -113,7 +113,7 @@ export class Tunnels {
           user: user.remote,
           port: service.port,
           client: service.name,
-          reason: result.error.message,
+          reason: result.error?.message,
         },
       );
     }
