@@ -4,6 +4,7 @@
  * @module
  */
 import { X509Certificate } from "node:crypto";
+import { isIP } from "node:net";
 import type { ServerConfig } from "./config.ts";
 import {
   AUTH_STEP_TIMEOUT_MS,
@@ -47,7 +48,8 @@ export class Login {
       this.#certificate = { pem: config.certPem, x509: new X509Certificate(config.certPem) };
     }
     const cert = this.#certificate.x509;
-    return cert.checkHost(wanted) !== undefined || cert.checkIP(wanted) !== undefined;
+    // checkIP throws for anything that is not an address.
+    return isIP(wanted) ? cert.checkIP(wanted) !== undefined : cert.checkHost(wanted) !== undefined;
   }
 
   /**

@@ -25,7 +25,7 @@ import {
 import type { Stream } from "./transport.ts";
 
 /** Bytes gathered into one write to the connection at most. */
-const BATCH_BYTES = 256 * 1024;
+const BATCH_BYTES = 128 * 1024;
 
 /** Bytes a stream sends per turn while other streams also wait to send. */
 const QUANTUM_BYTES = 16 * 1024;
@@ -33,20 +33,24 @@ const QUANTUM_BYTES = 16 * 1024;
 /** Control frames (window updates, opens, resets, pings) queued unsent at most. */
 const MAX_CONTROL_QUEUE_BYTES = 1024 * 1024;
 
-/** A receive window grows only if half of it was consumed faster than this (or the RTT). */
-const GROW_FLOOR_MS = 10;
+/**
+ * A receive window grows when its sender said it was blocked and the receiver then had
+ * delivered everything within this long (or the round trip, if longer): the window, not the
+ * reader, held the stream back.
+ */
+const GROW_DRAIN_MS = 5;
 
 /**
  * A receive window grows only once its stream has delivered this much: a user who never reads
  * stalls before (the kernel's socket buffers take less), so its stream keeps the initial window.
  */
-const GROW_AFTER_BYTES = 1024 * 1024;
+const GROW_AFTER_BYTES = 512 * 1024;
 
 /** Queued received payloads are written to the local socket in one go up to this size. */
 const SINK_WRITE_BYTES = 256 * 1024;
 
 /** Read buffer of a relay's first reads; a source that keeps filling it gets a bigger one. */
-const RELAY_BUFFER_MIN = 8 * 1024;
+const RELAY_BUFFER_MIN = 4 * 1024;
 
 /** First read buffer of a connection read without `readChunk`. */
 const READ_BUFFER_MIN = 4 * 1024;
@@ -126,6 +130,8 @@ export class MuxStream implements Stream {
   #finQueued = false;
   #finResolve: (() => void) | undefined;
   #finSent = false;
+  /** A BLOCKED frame went out since the last credit came in. */
+  #blockedSent = false;
   /** Whether the stream is in its mux's round of senders. */
   inRound = false;
 
@@ -138,7 +144,8 @@ export class MuxStream implements Stream {
   #available = INITIAL_WINDOW;
   /** Bytes consumed and not yet granted back. */
   #unacked = 0;
-  #lastGrant = performance.now();
+  /** When the peer last said it was blocked, if that is not settled yet. */
+  #blockedAt: number | undefined;
   /** Bytes consumed over the stream's life. */
   #delivered = 0;
   #sink: Stream | undefined;
@@ -203,6 +210,12 @@ export class MuxStream implements Stream {
         done.push(head.resolve);
       }
     }
+    if (this.#out.length > 0 && this.#credit === 0 && !this.#blockedSent) {
+      // Tell the receiver the window is what holds us back; it may grow it.
+      this.#blockedSent = true;
+      parts.push(muxFrame(FrameType.BLOCKED, this.id));
+      size += MUX_HEADER_BYTES;
+    }
     if (this.#out.length === 0 && this.#finQueued && !this.#finSent) {
       this.#finSent = true;
       parts.push(muxFrame(FrameType.FIN, this.id));
@@ -218,6 +231,7 @@ export class MuxStream implements Stream {
   granted(n: number): void {
     if (this.#credit + n > MAX_WINDOW * 2) throw new ProtocolError("window grew past its limit");
     this.#credit += n;
+    this.#blockedSent = false;
     if (this.#out.length > 0) this.#mux.ready(this);
   }
 
@@ -330,26 +344,39 @@ export class MuxStream implements Stream {
     return n;
   }
 
+  /** The peer has bytes for this stream but no credit: grow the window if we keep up. */
+  blocked(): void {
+    this.#blockedAt = performance.now();
+    if (this.#in.length === 0 && !this.#sinkBusy) this.#consumed(0);
+  }
+
   /**
-   * `n` received bytes have left our hands: grant them back once half a window is due, and
-   * double the window if that half went by in under a round trip (the window, not the reader,
-   * is what limits this stream).
+   * `n` received bytes have left our hands: grant them back once half a window is due. If the
+   * peer said it was blocked and everything it sent is delivered soon after, the window is
+   * what limits this stream: double it (within {@link MAX_WINDOW} and the budget) at once.
    */
   #consumed(n: number): void {
     this.#unacked += n;
     this.#delivered += n;
-    if (this.#finished || this.#remoteEnded || this.#unacked < this.#window / 2) return;
-    const now = performance.now();
-    let grant = this.#unacked;
-    const fast = now - this.#lastGrant < Math.max(GROW_FLOOR_MS, this.#mux.rttMs) &&
-      this.#delivered >= GROW_AFTER_BYTES;
-    if (fast && this.#window < MAX_WINDOW && this.#mux.budget.take(this.#window)) {
-      grant += this.#window;
-      this.#window *= 2;
+    if (this.#finished || this.#remoteEnded) return;
+    let grow = 0;
+    if (this.#blockedAt !== undefined && this.#in.length === 0) {
+      const quick = performance.now() - this.#blockedAt <
+        Math.max(GROW_DRAIN_MS, this.#mux.rttMs);
+      this.#blockedAt = undefined;
+      if (
+        quick && this.#delivered >= GROW_AFTER_BYTES && this.#window < MAX_WINDOW &&
+        this.#mux.budget.take(this.#window)
+      ) {
+        grow = this.#window;
+        this.#window *= 2;
+      }
     }
+    if (grow === 0 && this.#unacked < this.#window / 2) return;
+    const grant = this.#unacked + grow;
+    if (grant === 0) return;
     this.#unacked = 0;
     this.#available += grant;
-    this.#lastGrant = now;
     const frame = new Uint8Array(MUX_HEADER_BYTES + 4);
     writeHeader(frame, 0, FrameType.WINDOW, this.id, 4);
     new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, grant);
@@ -537,6 +564,8 @@ export class Mux {
         return stream.ended();
       case FrameType.RESET:
         return stream.resetByPeer(decoder.decode(payload));
+      case FrameType.BLOCKED:
+        return stream.blocked();
     }
   }
 

@@ -53,9 +53,9 @@ export const MAX_OPEN_BYTES = 1024;
 export const INITIAL_WINDOW = 64 * 1024;
 
 /**
- * A stream's receive window doubles (up to this) when the receiver consumes half of it in
- * less than a round trip: then the window, not the reader, limits the stream (a long, fast
- * link). Bounded so a bulk stream cannot queue much ahead of an interactive one.
+ * A stream's receive window doubles (up to this) when its sender ran out of credit while the
+ * receiver kept up: then the window, not the reader, limits the stream (a long, fast link).
+ * Bounded so a bulk stream cannot queue much ahead of an interactive one.
  */
 export const MAX_WINDOW = 2 * 1024 * 1024;
 
@@ -73,6 +73,8 @@ export const FrameType = {
   FIN: 4,
   /** The stream is aborted both ways; the payload is a UTF-8 reason. */
   RESET: 5,
+  /** The sender has bytes for this stream but no credit left; empty. */
+  BLOCKED: 6,
 } as const;
 
 /** One of {@link FrameType}'s values. */
@@ -442,6 +444,8 @@ function maxPayload(type: number): number {
       return 0;
     case FrameType.RESET:
       return MAX_REASON_BYTES;
+    case FrameType.BLOCKED:
+      return 0;
     default:
       fail(`unknown mux frame type ${type}`);
   }

@@ -12,6 +12,7 @@ import {
   AUTH_STEP_TIMEOUT_MS,
   FramedStream,
   type Hello,
+  MAX_FRAME_BYTES,
   type Message,
   PROTOCOL_VERSION,
   ProtocolError,
@@ -110,6 +111,8 @@ export class Server {
         name: "communication port",
         maxHandshaking: this.#config.maxHandshaking,
         maxHandshakingPerAddress: this.#config.maxHandshakingPerAddress,
+        // The login is lockstep: a peer never has more than one frame in flight to us.
+        firstUnreadLimit: 4 + MAX_FRAME_BYTES,
         onConnection: (stream) => this.#handleConnection(stream),
         onHandshakeError: (remote, err) =>
           logger.info("TLS handshake with {remote} failed: {error}", {
@@ -306,6 +309,8 @@ export class Server {
       await framed.send({ type: "welcome", services, pending: 0 }).catch(() => {});
       return stream.close();
     }
+    // From here the mux reads eagerly, and credit bounds what a client may send.
+    stream.limitUnread?.(undefined);
     let session: Session | undefined = undefined;
     const mux = new Mux(stream, {
       onControl: (message: Message) => {

@@ -42,6 +42,11 @@ export interface Stream {
    * read) closes the stream instead of being buffered. For a peer made to wait for an answer.
    */
   holdSilent?(): void;
+  /**
+   * Bounds what may wait unread: beyond `bytes` the stream closes instead of buffering more
+   * (undefined: no such bound). A handshake in lockstep never has more than one frame waiting.
+   */
+  limitUnread?(bytes: number | undefined): void;
   /** Ends our direction (FIN, or TLS close_notify) while the other keeps flowing. */
   closeWrite(): Promise<void>;
   /** Closes both directions at once. Safe to call more than once. */
@@ -158,8 +163,11 @@ export class SocketStream implements Stream {
   #wake: (() => void) | undefined;
   #paused = false;
   #silent = false;
+  #limit: number | undefined;
 
-  constructor(socket: Socket) {
+  /** @param limit see {@link Stream.limitUnread}; applies from the first byte */
+  constructor(socket: Socket, limit?: number) {
+    this.#limit = limit;
     this.#socket = socket;
     const host = socket.remoteAddress ?? "?";
     this.remoteIp = host;
@@ -170,6 +178,11 @@ export class SocketStream implements Stream {
       if (this.#silent) return this.close();
       this.#chunks.push(data);
       this.#buffered += data.length;
+      if (this.#limit !== undefined && this.#buffered > this.#limit) {
+        this.#error ??= new Error(`${this.remote} sent ${this.#buffered} bytes out of turn`);
+        this.#notify();
+        return this.close();
+      }
       if (this.#buffered >= NODE_READ_HIGH_WATER && !this.#paused) {
         this.#paused = true;
         socket.pause();
@@ -198,6 +211,10 @@ export class SocketStream implements Stream {
         this.#notify();
       });
     }
+  }
+
+  limitUnread(bytes: number | undefined): void {
+    this.#limit = bytes;
   }
 
   holdSilent(): void {
@@ -350,6 +367,8 @@ export interface ListenTlsOptions {
   key: string;
   /** Called with every connection whose TLS handshake finished in time. */
   onConnection: (stream: Stream) => void;
+  /** Unread bytes a new connection may have waiting before it is closed (see limitUnread). */
+  firstUnreadLimit?: number;
   /** Called when a connection fails before its handshake completes. */
   onHandshakeError?: (remote: string, err: Error) => void;
   /** Names the listener in logs, e.g. "communication port"; the port number follows. */
@@ -439,7 +458,7 @@ export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
       const raw = parentOf(socket);
       if (raw) handshakeDone.get(raw)?.();
       socket.setNoDelay(true);
-      options.onConnection(new SocketStream(socket));
+      options.onConnection(new SocketStream(socket, options.firstUnreadLimit));
     });
     server.on("tlsClientError", (err: Error, socket: tls.TLSSocket) => {
       // Before the handshake completes, Deno's TLS socket knows the address only via its parent.
