@@ -83,7 +83,7 @@ export class Login {
     };
     if (!this.knowsName(hello.server)) {
       return await refuse(
-        "it dialled {server}, which is not a name of this server (server_names)",
+        "it dialled {server}, which is not this server (see server_names)",
         `this server is not "${hello.server}": a client must dial the server it is configured ` +
           `for (server_names lists the names it answers to)`,
       );

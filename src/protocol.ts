@@ -18,6 +18,13 @@ export const PROTOCOL_VERSION = 2;
 /** Largest handshake frame payload or control message accepted, in bytes. */
 export const MAX_FRAME_BYTES = 16 * 1024;
 
+/**
+ * Largest frame the server reads during a login: a hello (name and server at most 255 bytes
+ * each) or an auth is well under this. The login is lockstep, so a peer never has more than
+ * one such frame waiting unread.
+ */
+export const MAX_LOGIN_FRAME_BYTES = 4096;
+
 /** Time allowed for each step of the hello/challenge/auth exchange. */
 export const AUTH_STEP_TIMEOUT_MS = 10_000;
 
@@ -565,9 +572,12 @@ export class FramedStream {
   #queued = 0;
   /** The payload of the frame read last, as received (a hello is signed as sent). */
   lastPayload: Uint8Array<ArrayBuffer> = new Uint8Array(0);
+  readonly #maxFrame: number;
 
-  constructor(stream: Stream) {
+  /** @param maxFrame the largest payload read; longer frames are refused */
+  constructor(stream: Stream, maxFrame = MAX_FRAME_BYTES) {
     this.stream = stream;
+    this.#maxFrame = maxFrame;
   }
 
   /**
@@ -600,7 +610,7 @@ export class FramedStream {
   async #readFrame(): Promise<Message | null> {
     if (!await readExact(this.stream, this.#header)) return null;
     const length = new DataView(this.#header.buffer).getUint32(0);
-    if (length > MAX_FRAME_BYTES) fail(`frame of ${length} bytes exceeds ${MAX_FRAME_BYTES}`);
+    if (length > this.#maxFrame) fail(`frame of ${length} bytes exceeds ${this.#maxFrame}`);
     const payload = new Uint8Array(length);
     if (!await readExact(this.stream, payload)) fail("connection ended inside a frame");
     this.lastPayload = payload;

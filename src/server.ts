@@ -12,7 +12,7 @@ import {
   AUTH_STEP_TIMEOUT_MS,
   FramedStream,
   type Hello,
-  MAX_FRAME_BYTES,
+  MAX_LOGIN_FRAME_BYTES,
   type Message,
   PROTOCOL_VERSION,
   ProtocolError,
@@ -112,7 +112,7 @@ export class Server {
         maxHandshaking: this.#config.maxHandshaking,
         maxHandshakingPerAddress: this.#config.maxHandshakingPerAddress,
         // The login is lockstep: a peer never has more than one frame in flight to us.
-        firstUnreadLimit: 4 + MAX_FRAME_BYTES,
+        firstUnreadLimit: 4 + MAX_LOGIN_FRAME_BYTES,
         onConnection: (stream) => this.#handleConnection(stream),
         onHandshakeError: (remote, err) =>
           logger.info("TLS handshake with {remote} failed: {error}", {
@@ -265,7 +265,7 @@ export class Server {
     }
     this.#unauthenticated++;
     this.#connecting.add(stream);
-    const framed = new FramedStream(stream);
+    const framed = new FramedStream(stream, MAX_LOGIN_FRAME_BYTES);
     let loggedIn: { hello: Hello; rttMs: number } | null = null;
     try {
       const first = await framed.read(AUTH_STEP_TIMEOUT_MS);

@@ -13,6 +13,7 @@ import {
   authPayload,
   decodeMessage,
   decodeOpen,
+  encodeMessage,
   FramedStream,
   type FrameKind,
   FrameParser,
@@ -242,7 +243,10 @@ export class MuxPeer {
       attempt.dialed.stream.close();
       throw new Error(`login as ${identity.name} failed: ${JSON.stringify(attempt.reply)}`);
     }
-    return new MuxPeer(attempt.dialed, attempt.reply);
+    const peer = new MuxPeer(attempt.dialed, attempt.reply);
+    // As the real client does: a first ping says we heard welcome, and users may be paired.
+    await peer.send(muxFrame(FrameType.CONTROL, 0, encodeMessage({ type: "ping" })));
+    return peer;
   }
 
   /** Our side's port, as the server logs it. */

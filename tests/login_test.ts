@@ -176,6 +176,11 @@ async function talkers(
 // what each sent would add up to its 256 KiB read buffer: about 75 MiB more.
 const TALKER_GROWTH_MIB = 64;
 
+// Right behind the hello, the runtime's own TLS layer has read and decrypted some of the burst
+// before the server sees its first bytes and drops the peer (about 65 MiB at the peak, freed
+// as they close); holding each peer's 512 KiB would be 150 MiB more, and version 1 grew 210.
+const BEHIND_HELLO_GROWTH_MIB = 100;
+
 Deno.test("peers that send while they are made to wait are dropped at once, unanswered: 300 of them sending 512 KiB each barely grow the server", async () => {
   const scope = new Scope();
   try {
@@ -195,14 +200,15 @@ Deno.test("peers that send while they are made to wait are dropped at once, unan
 Deno.test({
   name:
     "peers that send right behind their hello, before any challenge, are not buffered: 300 of them sending 512 KiB each barely grow the server",
-  // Fails today: the server reads up to 256 KiB ahead during the handshake (see the report).
-  ignore: true,
   fn: async () => {
     const scope = new Scope();
     try {
       const w = await loginWorld(scope);
       const { grownMiB } = await talkers(w, "behind the hello");
-      assert.ok(grownMiB < TALKER_GROWTH_MIB, `the server grew by ${grownMiB.toFixed(1)} MiB`);
+      assert.ok(
+        grownMiB < BEHIND_HELLO_GROWTH_MIB,
+        `the server grew by ${grownMiB.toFixed(1)} MiB`,
+      );
     } finally {
       await scope.close();
     }
@@ -214,9 +220,6 @@ Deno.test({
 
 Deno.test({
   name: "a hello naming another server is refused, with the reason for the client and a log line",
-  // Fails today: Login.knowsName calls X509Certificate.checkIP on a host name, which throws
-  // "Invalid IP", so the peer is dropped without a refusal (see the report).
-  ignore: true,
 }, async () => {
   const scope = new Scope();
   try {

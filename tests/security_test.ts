@@ -19,6 +19,7 @@ import {
   INITIAL_WINDOW,
   MAX_DATA_BYTES,
   MAX_FRAME_BYTES,
+  MAX_LOGIN_FRAME_BYTES,
   muxFrame,
 } from "../src/protocol.ts";
 import {
@@ -461,11 +462,11 @@ async function echoWorld(
   return { ...env, server, client, caPem };
 }
 
-Deno.test("a frame length over MAX_FRAME_BYTES closes the connection and is logged; exactly the limit is read; the server keeps serving", async () => {
+Deno.test("a login frame length over MAX_LOGIN_FRAME_BYTES closes the connection and is logged; exactly the limit is read; the server keeps serving", async () => {
   const scope = new Scope();
   try {
     const w = await echoWorld(scope);
-    for (const length of [MAX_FRAME_BYTES + 1, 0xffff_ffff]) {
+    for (const length of [MAX_LOGIN_FRAME_BYTES + 1, 0xffff_ffff]) {
       const { stream, localPort } = await dialIn(scope, w.communicationPort, w.caPem);
       await stream.write(lengthHeader(length));
       await stream.write(new Uint8Array(64));
@@ -473,14 +474,14 @@ Deno.test("a frame length over MAX_FRAME_BYTES closes the connection and is logg
       await w.server.waitFor(
         new RegExp(
           `connection from ${addr(localPort)} dropped: "?frame of ${length} bytes exceeds ` +
-            `${MAX_FRAME_BYTES}`,
+            `${MAX_LOGIN_FRAME_BYTES}`,
         ),
       );
     }
-    // A frame of exactly MAX_FRAME_BYTES is within the limit: a hello padded with whitespace.
+    // A frame of exactly MAX_LOGIN_FRAME_BYTES is within the limit: a hello padded with spaces.
     const atLimit = await dialIn(scope, w.communicationPort, w.caPem);
-    const hello = JSON.stringify(helloFor(w.identity.name)).padEnd(MAX_FRAME_BYTES, " ");
-    await atLimit.stream.write(lengthHeader(MAX_FRAME_BYTES));
+    const hello = JSON.stringify(helloFor(w.identity.name)).padEnd(MAX_LOGIN_FRAME_BYTES, " ");
+    await atLimit.stream.write(lengthHeader(MAX_LOGIN_FRAME_BYTES));
     await atLimit.stream.write(bytes(hello));
     assert.equal((await atLimit.framed.read(DEADLINE_MS))?.type, "challenge");
     atLimit.stream.close();
