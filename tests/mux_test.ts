@@ -490,15 +490,18 @@ Deno.test("mux: a bulk stream moving 200 MiB does not starve another stream's ro
       most <= MAX_WINDOW + 512 * 1024,
       `${(most / 1048576).toFixed(1)} MiB of bulk data went ahead of a chat byte`,
     );
-    // Both ends run in this one process, on a machine shared with other work: a generous
-    // guard on time (the figure that users feel), beside the exact one on bytes above.
+    // Both ends run in this one process, on a 2-core machine shared with other work, where a
+    // scheduling hiccup can stall any one round trip: a generous guard on time (what users
+    // feel), beside the exact one on bytes above. Fewer than 3 in 100 over 50 ms, none over 1 s.
     times.sort((a, b) => a - b);
-    const p99 = times[Math.floor(times.length * 0.99)];
-    assert.ok(
-      p99 < 100,
-      `p99 of ${times.length} round trips was ${p99.toFixed(1)} ms (median ` +
-        `${times[times.length >> 1].toFixed(2)} ms, max ${times.at(-1)!.toFixed(1)} ms)`,
-    );
+    const slow = times.filter((t) => t > 50).length;
+    const report = `${slow} of ${times.length} round trips over 50 ms (median ` +
+      `${times[times.length >> 1].toFixed(2)} ms, p99 ` +
+      `${times[Math.floor(times.length * 0.99)].toFixed(1)} ms, max ${
+        times.at(-1)!.toFixed(1)
+      } ms)`;
+    assert.ok(slow < times.length * 0.03, report);
+    assert.ok(times.at(-1)! < 1000, report);
     await chat.closeWrite();
     await echoing;
   } finally {
