@@ -6,7 +6,27 @@
  * connections without limit.
  */
 import assert from "node:assert/strict";
-import { connectUser, type Program, waitUntil } from "./helpers.ts";
+import {
+  clientToml,
+  connectUser,
+  DEADLINE_MS,
+  Fixture,
+  Program,
+  Scope,
+  waitUntil,
+} from "./helpers.ts";
+import { CERT_FILES } from "../src/certs.ts";
+import {
+  encodeOpen,
+  FramedStream,
+  type FrameKind,
+  FrameParser,
+  FrameType,
+  muxFrame,
+  NONCE_BYTES,
+} from "../src/protocol.ts";
+import { ConnStream } from "../src/transport.ts";
+import { OPEN_BURST, OPEN_RATE_PER_S } from "../src/client_tunnels.ts";
 import {
   establishedWith,
   exchange,
@@ -388,5 +408,180 @@ Deno.test("slow readers: 800 users of a streaming service who never read do not 
     );
   } finally {
     await env.scope.close();
+  }
+});
+
+/**
+ * A fake NATadm server on 127.0.0.1 with the fixture's certificate: it accepts the real
+ * client's hello and any signature, says welcome, and hands the connection to `flood`.
+ */
+async function fakeServer(
+  fixture: Fixture,
+  flood: (stream: ConnStream) => Promise<void>,
+): Promise<{ port: number; done: Promise<void>; close(): void }> {
+  const listener = Deno.listenTls({
+    hostname: "127.0.0.1",
+    port: 0,
+    cert: await Deno.readTextFile(fixture.path(CERT_FILES.cert)),
+    key: await Deno.readTextFile(fixture.path(CERT_FILES.key)),
+  });
+  const streams = new Set<ConnStream>();
+  const done = (async () => {
+    const conn = await listener.accept();
+    const stream = new ConnStream(conn);
+    streams.add(stream);
+    const framed = new FramedStream(stream);
+    const hello = await framed.read(DEADLINE_MS);
+    assert.equal(hello?.type, "hello");
+    await framed.send({ type: "challenge", nonce: randomBytes(NONCE_BYTES).toBase64() });
+    assert.equal((await framed.read(DEADLINE_MS))?.type, "auth");
+    await framed.send({ type: "welcome", services: [], pending: 0 });
+    await flood(stream);
+  })();
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    done,
+    close() {
+      listener.close();
+      for (const stream of streams) stream.close();
+    },
+  };
+}
+
+/** Reads mux frames from `stream` in the background, counting RESETs and their reasons. */
+function countResets(stream: ConnStream): { resets: Map<number, string>; fins: Set<number> } {
+  const resets = new Map<number, string>();
+  const fins = new Set<number>();
+  const decoder = new TextDecoder();
+  const parser = new FrameParser((type, id, payload) => {
+    if (type === FrameType.RESET) resets.set(id, decoder.decode(payload));
+    if (type === FrameType.FIN) fins.add(id);
+  });
+  (async () => {
+    const buf = new Uint8Array(64 * 1024);
+    for (;;) {
+      const n = await stream.read(buf);
+      if (n === null) break;
+      parser.push(buf.subarray(0, n), false);
+    }
+  })().catch(() => {});
+  return { resets, fins };
+}
+
+/** `count` OPEN frames for streams `first`…, each followed by `then` (if any), as one buffer. */
+function opens(first: number, count: number, port: number, then?: FrameKind): Uint8Array {
+  const request = encodeOpen({ host: "127.0.0.1", port, user: "203.0.113.66:6666" });
+  const one = muxFrame(FrameType.OPEN, 1, request).length + (then === undefined ? 0 : 9);
+  const out = new Uint8Array(count * one);
+  for (let i = 0; i < count; i++) {
+    const open = muxFrame(FrameType.OPEN, first + i, request);
+    out.set(open, i * one);
+    if (then !== undefined) out.set(muxFrame(then, first + i), i * one + open.length);
+  }
+  return out;
+}
+
+// Issue 11.7, "A hostile server can make the client open connections without limit".
+Deno.test("hostile server: thousands of OPENs leave the client within max_tunnels; the rest are reset", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await Fixture.create();
+    scope.defer(() => fixture.cleanup());
+    const target = startTarget("echo"); // holds every connection open until it is closed
+    scope.defer(() => target.close());
+    const maxTunnels = 50;
+    const total = 5000;
+    let resets!: Map<number, string>;
+    let fdsBefore = 0;
+    let peakFds = 0;
+    const victim: { client?: Program } = {};
+    const fake = await fakeServer(fixture, async (stream) => {
+      ({ resets } = countResets(stream));
+      const client = await waitUntil(() => victim.client, "the client process");
+      fdsBefore = procStats(client.pid).fds;
+      for (let at = 1; at <= total; at += 500) {
+        await stream.write(opens(at, 500, target.port));
+        peakFds = Math.max(peakFds, procStats(client.pid).fds);
+      }
+    });
+    scope.defer(() => fake.close());
+    const identity = await fixture.identity("victim");
+    const config = await fixture.write(
+      "client.toml",
+      clientToml({ identity, communicationPort: fake.port, interval: 60 }) +
+        `max_tunnels = ${maxTunnels}\n`,
+    );
+    const client = victim.client = scope.track(new Program("client.ts", ["--config", config]));
+    await client.waitFor(/connected to .* as/);
+    await fake.done;
+    await waitUntil(
+      () => {
+        peakFds = Math.max(peakFds, procStats(client.pid).fds);
+        return resets.size >= total - maxTunnels;
+      },
+      () =>
+        `${total - maxTunnels} resets, got ${resets?.size}; client:\n${client.lines.join("\n")}`,
+    );
+    await waitUntil(() => target.accepted >= maxTunnels, "the allowed tunnels to connect");
+    peakFds = Math.max(peakFds, procStats(client.pid).fds);
+    assert.equal(target.accepted, maxTunnels, "connections the client opened to its target");
+    assert.equal(resets.size, total - maxTunnels);
+    const reasons = new Set([...resets.values()].map((r) => r.replace(/\d+/g, "N")));
+    for (const reason of reasons) assert.match(reason, /max_tunnels|too many tunnels/, reason);
+    assert.ok(
+      peakFds <= fdsBefore + maxTunnels + 5,
+      `the client's descriptors went from ${fdsBefore} to ${peakFds} (max_tunnels ${maxTunnels})`,
+    );
+    assert.equal(client.exited, false);
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("hostile server: OPENs that end at once are still held to the client's open rate", async () => {
+  const scope = new Scope();
+  try {
+    const fixture = await Fixture.create();
+    scope.defer(() => fixture.cleanup());
+    const target = startTarget("echo"); // ends its side when the tunnel does
+    scope.defer(() => target.close());
+    const total = 8000;
+    let resets!: Map<number, string>;
+    let fins!: Set<number>;
+    let started = 0;
+    const fake = await fakeServer(fixture, async (stream) => {
+      ({ resets, fins } = countResets(stream));
+      started = performance.now();
+      // Each stream is opened and ended at once, so none stays open: only the rate holds.
+      for (let at = 1; at <= total; at += 500) {
+        await stream.write(opens(at, 500, target.port, FrameType.FIN));
+      }
+    });
+    scope.defer(() => fake.close());
+    const identity = await fixture.identity("victim");
+    const config = await fixture.write(
+      "client.toml",
+      clientToml({ identity, communicationPort: fake.port, interval: 60 }),
+    );
+    const client = scope.track(new Program("client.ts", ["--config", config]));
+    await client.waitFor(/connected to .* as/);
+    await fake.done;
+    await waitUntil(
+      () => resets.size + fins.size >= total,
+      () => `an answer to all ${total} OPENs: ${resets.size} resets, ${fins.size} ends`,
+      60_000,
+    );
+    const seconds = (performance.now() - started) / 1000;
+    const allowed = OPEN_BURST + OPEN_RATE_PER_S * seconds;
+    assert.ok(
+      target.accepted <= allowed,
+      `${target.accepted} connections in ${seconds.toFixed(1)} s; the rate allows ${allowed}`,
+    );
+    assert.ok(target.accepted >= Math.min(OPEN_BURST, total) * 0.9, `${target.accepted}`);
+    const byRate = [...resets.values()].filter((r) => /tunnels a second/.test(r)).length;
+    assert.ok(byRate > 0, `no OPEN was reset for the rate: ${[...new Set(resets.values())]}`);
+    assert.equal(client.exited, false);
+  } finally {
+    await scope.close();
   }
 });
