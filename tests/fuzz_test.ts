@@ -879,6 +879,10 @@ Deno.test("a server under 400 hostile handshakes stays up, bounded in memory, an
           )
         }`,
     );
+    const crashes = server.lines.filter((l) =>
+      /TypeError|RangeError|ReferenceError|Uncaught/.test(l)
+    );
+    assert.deepEqual(crashes, [], "the server hit a programming error");
     // Version 1's openings hear which versions are in play.
     if (outcomes.some((o) => o.what.startsWith("version 1"))) {
       assert.ok(server.count(/protocol version 1 is not supported/) > 0);
