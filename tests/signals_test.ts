@@ -5,7 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { connectUser, Process, ROOT, waitUntil } from "./helpers.ts";
+import { connectUser, ROOT, waitUntil } from "./helpers.ts";
+import { followers, groupAlive, type GroupProcess, spawnInGroup } from "./process_group.ts";
 import { exchange, randomBytes, setup } from "./reliability_helpers.ts";
 import { SAME_SIGNAL_MS } from "../src/cli.ts";
 
@@ -17,46 +18,10 @@ async function roundTrip(user: Deno.Conn, size = 2000): Promise<void> {
   assert.deepEqual(received, payload);
 }
 
-/** The process group of `pid`, from /proc (field 5 of stat, after the command in parentheses). */
-function processGroup(pid: number): number | undefined {
-  try {
-    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-    return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);
-  } catch {
-    return undefined; // gone
-  }
-}
-
-/** Processes in group `pgid` other than its leader. */
-function followers(pgid: number): number[] {
-  const pids: number[] = [];
-  for (const entry of Deno.readDirSync("/proc")) {
-    const pid = Number(entry.name);
-    if (Number.isInteger(pid) && pid !== pgid && processGroup(pid) === pgid) pids.push(pid);
-  }
-  return pids;
-}
-
-/** Whether any process is left in process group `pgid`. */
-function groupAlive(pgid: number): boolean {
-  try {
-    Deno.kill(-pgid, "SIGCONT"); // harmless to a running process; fails if none is left
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/**
- * `deno task ROLE --config FILE` in a session and process group of its own, as a terminal
- * runs it: the returned group id is what a terminal's Ctrl-C signals.
- */
-async function denoTask(
-  role: "server" | "client",
-  config: string,
-): Promise<{ task: Process; pgid: number }> {
-  const task = new Process("setsid", [
-    Deno.execPath(),
+/** `deno task ROLE --config FILE` in a process group of its own, as a terminal runs it. */
+function denoTask(role: "server" | "client", config: string): Promise<GroupProcess> {
+  const deno = Deno.execPath();
+  return spawnInGroup(deno, [
     "task",
     "--config",
     join(ROOT, "deno.json"),
@@ -64,24 +29,19 @@ async function denoTask(
     "--config",
     config,
   ]);
-  // setsid makes its own process the leader of a new group, then runs deno task in it.
-  await waitUntil(() => processGroup(task.pid) === task.pid, "setsid to start a group", 5000);
-  return { task, pgid: task.pid };
 }
 
 for (const role of ["server", "client"] as const) {
   Deno.test(`Ctrl-C on deno task ${role}: one shutdown, the live tunnel runs on through shutdown_grace`, async () => {
     const extra = "shutdown_grace = 30\n";
     const env = await setup(role === "server" ? { serverExtra: extra } : { clientExtra: extra });
-    let pgid: number | undefined;
     try {
       const started = role === "server"
         ? await denoTask("server", env.serverConfig)
         : (await env.startServer(), await denoTask("client", env.clients[0].config));
-      pgid = started.pgid;
-      const { task } = started;
-      env.scope.defer(() => groupAlive(pgid!) && Deno.kill(-pgid!, "SIGKILL"));
+      const { process: task, pgid } = started;
       env.scope.track(task);
+      env.scope.defer(() => started.killGroup()); // first: a child left over holds our pipes
       if (role === "server") {
         await task.waitFor(/NATadm server ready/);
         await env.startClient();
@@ -108,7 +68,7 @@ for (const role of ["server", "client"] as const) {
       const { code, stderr } = await task.result(10_000);
       assert.doesNotMatch(stderr, /exiting at once/);
       assert.equal(code, 0, stderr);
-      await waitUntil(() => !groupAlive(pgid!), `process group ${pgid} to be gone`, 5000);
+      await waitUntil(() => !groupAlive(pgid), `process group ${pgid} to be gone`, 5000);
     } finally {
       await env.scope.close();
     }
