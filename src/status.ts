@@ -12,6 +12,7 @@
  */
 import { timingSafeEqual } from "node:crypto";
 import type { Server, ServerSnapshot } from "./server.ts";
+import { listenError } from "./listen_error.ts";
 import { log } from "./log.ts";
 
 const logger = log("status");
@@ -391,11 +392,7 @@ export function startStatusServer(server: Server, options: StatusOptions): Promi
       (request) => handleStatusRequest(server, options.token, request, host),
     );
   } catch (err) {
-    return Promise.reject(
-      new Error(
-        `cannot listen on ${host}:${options.port} (status_port): ${(err as Error).message}`,
-      ),
-    );
+    return Promise.reject(listenError(host, options.port, "status_port", err));
   }
   if (!options.token && !["127.0.0.1", "::1", "localhost"].includes(host)) {
     logger.warn(
