@@ -28,7 +28,7 @@ the local port.
   -V, --version         show the version
 
 SIGINT/SIGTERM stop reconnecting and let live tunnels finish for shutdown_grace seconds;
-a second signal exits at once.
+a second signal, a second or more after the first, exits at once.
 `;
 
 const options = parseCommon("natadm-client", Deno.args, "client.toml", HELP, [
@@ -56,5 +56,5 @@ if (options.flags.has("check")) {
   }
   Deno.exit(0);
 }
-onShutdown(() => client.stop());
+onShutdown(() => client.stop(), () => client.liveTunnels);
 Deno.exit(await client.run());

@@ -32,7 +32,7 @@ port of [services], bridging every user to the named client's port.
   -V, --version         show the version
 
 SIGINT/SIGTERM stop accepting and let live tunnels finish for shutdown_grace seconds; a
-second signal exits at once.
+second signal, a second or more after the first, exits at once.
 `;
 
 const options = parseCommon("natadm-server", Deno.args, "server.toml", HELP, [
@@ -141,4 +141,4 @@ onShutdown(async () => {
   await server.shutdown(grace * 1000);
   await status?.close();
   Deno.exit(0);
-});
+}, () => server.liveTunnels);

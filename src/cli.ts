@@ -5,8 +5,10 @@
  */
 import { parseArgs } from "node:util";
 import type { LogLevel } from "@logtape/logtape";
-import { isLogLevel, LOG_FORMATS, type LogFormat } from "./log.ts";
+import { isLogLevel, log, LOG_FORMATS, type LogFormat } from "./log.ts";
 import { VERSION } from "./version.ts";
+
+const logger = log("signal");
 
 /** Options every NATadm program accepts. */
 export interface CommonOptions {
@@ -77,16 +79,40 @@ export function parseCommon(
 }
 
 /**
- * Calls `stop` on the first SIGINT or SIGTERM (a graceful shutdown); a second one exits at
- * once.
+ * Signals closer together than this are one Ctrl-C: a terminal sends SIGINT to its whole
+ * foreground group, so a program under `deno task` gets one from the terminal and one that
+ * `deno task` forwards (and systemd's stop may reach it twice the same way).
  */
-export function onShutdown(stop: () => void): void {
-  let signalled = false;
-  const handler = () => {
-    if (signalled) Deno.exit(130);
-    signalled = true;
-    stop();
+export const SAME_SIGNAL_MS = 1000;
+
+/**
+ * Calls `stop` on the first SIGINT or SIGTERM (a graceful shutdown). Another signal within
+ * {@link SAME_SIGNAL_MS} of it counts as the same one; a signal after that exits at once
+ * (code 130), with a warning naming how many live tunnels `liveTunnels` says it cuts.
+ */
+export function onShutdown(stop: () => void, liveTunnels?: () => number): void {
+  let first: number | undefined;
+  const handler = (signal: Deno.Signal) => {
+    const now = performance.now();
+    if (first === undefined) {
+      first = now;
+      stop();
+    } else if (now - first < SAME_SIGNAL_MS) {
+      logger.debug("{signal} {ms} ms after the first signal: the same request to stop", {
+        signal,
+        ms: Math.round(now - first),
+      });
+    } else {
+      const live = liveTunnels?.();
+      logger.warn(
+        live === undefined
+          ? "second signal ({signal}): exiting at once, cutting any live tunnels"
+          : "second signal ({signal}): exiting at once, cutting {live} live tunnels",
+        { signal, live },
+      );
+      Deno.exit(130);
+    }
   };
-  Deno.addSignalListener("SIGINT", handler);
-  Deno.addSignalListener("SIGTERM", handler);
+  Deno.addSignalListener("SIGINT", () => handler("SIGINT"));
+  Deno.addSignalListener("SIGTERM", () => handler("SIGTERM"));
 }

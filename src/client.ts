@@ -74,6 +74,11 @@ export class Client {
     this.#tunnels = new LocalTunnels(config);
   }
 
+  /** Live tunnels right now. */
+  get liveTunnels(): number {
+    return this.#tunnels.size;
+  }
+
   /** Runs until stopped (`infinite = true`) or after one check; returns the exit code. */
   async run(): Promise<number> {
     const { remoteHost, remotePort, interval } = this.#config;

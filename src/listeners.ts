@@ -6,6 +6,7 @@
 import type { ServiceConfig } from "./config.ts";
 import { ConnStream, type Stream } from "./transport.ts";
 import { acceptLoop } from "./accept.ts";
+import { listenError } from "./listen_error.ts";
 
 /** Open service ports by port number, with the service each serves now. */
 export class ServiceListeners {
@@ -24,11 +25,7 @@ export class ServiceListeners {
     try {
       listener = Deno.listen({ hostname: this.#host, port: service.port });
     } catch (err) {
-      throw new Error(
-        `cannot listen on ${this.#host}:${service.port} (services.${service.port}): ${
-          (err as Error).message
-        }`,
-      );
+      throw listenError(this.#host, service.port, `services.${service.port}`, err);
     }
     const entry = { listener, service };
     this.#ports.set(service.port, entry);

@@ -1,6 +1,8 @@
 /**
  * Logging setup shared by every NATadm program: LogTape, one line per event, on stderr so that
  * stdout stays free for what a command prints on purpose (keygen's public key, demo's help).
+ * Lines are plain text, never coloured, so a log redirected to a file stays clean (Deno's own
+ * lines, such as `deno task`'s banner, follow NO_COLOR).
  * @module
  */
 import {

@@ -25,6 +25,7 @@ import { ServiceListeners } from "./listeners.ts";
 import { Pairing } from "./pairing.ts";
 import { type TunnelInfo, Tunnels } from "./tunnels.ts";
 import { listenTls, type Stream, type TlsListener } from "./transport.ts";
+import { listenError } from "./listen_error.ts";
 
 export type { TunnelInfo } from "./tunnels.ts";
 
@@ -121,11 +122,7 @@ export class Server {
           }),
       });
     } catch (err) {
-      throw new Error(
-        `cannot listen on ${listenHost}:${communicationPort} (communication_port): ${
-          (err as Error).message
-        }`,
-      );
+      throw listenError(listenHost, communicationPort, "communication_port", err);
     }
     for (const service of this.#config.services) {
       try {

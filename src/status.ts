@@ -6,10 +6,13 @@
  * exception is the dashboard page `/`, which also accepts `?token=TOKEN` in its URL, because a
  * browser cannot add the header by itself; the page then sends that token as a Bearer header
  * on its own fetches of `/status.json`. The token is always compared in constant time.
+ * Without a token, a request must name the page's own address in its `Host` header, so that a
+ * DNS-rebinding page in a browser on the same machine cannot read it.
  * @module
  */
 import { timingSafeEqual } from "node:crypto";
 import type { Server, ServerSnapshot } from "./server.ts";
+import { listenError } from "./listen_error.ts";
 import { log } from "./log.ts";
 import { ACCEPT_BACKOFF_MAX_MS, ACCEPT_BACKOFF_MIN_MS } from "./accept.ts";
 
@@ -275,14 +278,67 @@ function reply(status: number, body: string, type: string, extra: HeadersInit = 
 
 const TEXT = "text/plain; charset=utf-8";
 
-/** Answers one request to the status server: token check, then the endpoint. */
+/** Host headers already refused with a warning; later refusals of them log at debug. */
+const refusedHosts = new Set<string>();
+
+/** Whether `host` is an IPv4 or IPv6 address literal (brackets removed), not a name. */
+function isAddress(host: string): boolean {
+  return /^\d{1,3}(\.\d{1,3}){3}$/.test(host) || host.includes(":");
+}
+
+/** Whether `host` (an address or "localhost") is on the loopback interface. */
+function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+/**
+ * Whether a request's `Host` header names the status page bound to `bound`: the bound address
+ * itself; "localhost" for a loopback or wildcard address; any address literal for a wildcard
+ * (0.0.0.0 or ::). A DNS-rebinding page in a browser sends its own name instead, and is
+ * refused. No header (HTTP/1.0) is not a browser, and passes. The port is not compared: an
+ * SSH forward or a proxy may change it.
+ */
+export function hostAllowed(header: string | null, bound: string): boolean {
+  if (header === null) return true;
+  const m = /^(?:\[([^\]]*)\]|([^:]*))(?::\d*)?$/.exec(header.trim().toLowerCase());
+  if (!m) return false;
+  const name = (m[1] ?? m[2]).replace(/\.$/, "");
+  const self = bound.toLowerCase().replace(/^\[|\]$/g, "");
+  const wildcard = self === "0.0.0.0" || self === "::";
+  if (name === self) return true;
+  if (name === "localhost") return wildcard || isLoopback(self);
+  return wildcard && isAddress(name);
+}
+
+/**
+ * Answers one request to the status server bound to `host`: the token check (or, with no
+ * token, the Host check of {@link hostAllowed}), then the endpoint.
+ */
 export async function handleStatusRequest(
   server: Pick<Server, "snapshot">,
   token: string | undefined,
   request: Request,
+  host = "127.0.0.1",
 ): Promise<Response> {
   const url = new URL(request.url);
-  if (token !== undefined) {
+  if (token === undefined) {
+    const given = request.headers.get("host");
+    if (!hostAllowed(given, host)) {
+      // Once per Host (a few dozen at most): a rebinding page polls, and would flood the log.
+      const first = !refusedHosts.has(given ?? "") && refusedHosts.size < 64;
+      refusedHosts.add(given ?? "");
+      const message =
+        "status request refused: Host {given} is not this page's address (DNS rebinding?)";
+      if (first) logger.warn(message, { given });
+      else logger.debug(message, { given });
+      return reply(
+        403,
+        `403 Forbidden: Host "${given}" is not this status page's address. Open it as ` +
+          `${statusUrl(host, Number(url.port) || 80)} or set status_token.\n`,
+        TEXT,
+      );
+    }
+  } else {
     const header = request.headers.get("authorization") ?? "";
     const bearer = /^Bearer +(.+)$/i.exec(header)?.[1];
     const query = url.pathname === "/" ? url.searchParams.get("token") : null;
@@ -333,17 +389,13 @@ export function startStatusServer(server: Server, options: StatusOptions): Promi
           return reply(500, "500 Internal Server Error\n", TEXT);
         },
       },
-      (request) => handleStatusRequest(server, options.token, request),
+      (request) => handleStatusRequest(server, options.token, request, host),
     );
   let http: Deno.HttpServer<Deno.NetAddr>;
   try {
     http = serve(options.port);
   } catch (err) {
-    return Promise.reject(
-      new Error(
-        `cannot listen on ${host}:${options.port} (status_port): ${(err as Error).message}`,
-      ),
-    );
+    return Promise.reject(listenError(host, options.port, "status_port", err));
   }
   const port = http.addr.port;
   let closed = false;

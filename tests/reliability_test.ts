@@ -22,6 +22,7 @@ import {
   setup,
   timeUntil,
 } from "./reliability_helpers.ts";
+import { SAME_SIGNAL_MS } from "../src/cli.ts";
 
 const CONNECTED = /connected to .* as/;
 const RETRYING = /retrying in "?([0-9.]+)"? s/;
@@ -351,14 +352,19 @@ for (const role of ["server", "client"] as const) {
     }
   });
 
-  Deno.test(`${role}: a second SIGTERM exits at once, live tunnels or not`, async () => {
+  Deno.test(`${role}: a second SIGTERM a second after the first exits at once and says so`, async () => {
     const { env, program, user } = await withTunnel(600);
     try {
       program.kill("SIGTERM");
+      const first = performance.now();
       await program.waitFor(/shutting down: waiting up to 600 s/);
+      // One within SAME_SIGNAL_MS of the first is the same Ctrl-C (tests/signals_test.ts).
+      await timeUntil(() => performance.now() - first > SAME_SIGNAL_MS, "the window", 5000);
       program.kill("SIGTERM");
-      const { code } = await program.result(2000);
+      const { code, stderr } = await program.result(2000);
       assert.notEqual(code, 0, "an interrupted shutdown exited 0");
+      const cut = role === "server" ? "1" : "any";
+      assert.match(stderr, new RegExp(`WRN.*second signal.*exiting at once, cutting ${cut} live`));
       await timeToClose(user, 2000);
       user.close();
     } finally {

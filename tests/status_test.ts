@@ -17,7 +17,7 @@ import {
 } from "./helpers.ts";
 import { VERSION } from "../src/version.ts";
 import { PROTOCOL_VERSION } from "../src/protocol.ts";
-import type { StatusDocument } from "../src/status.ts";
+import { hostAllowed, type StatusDocument } from "../src/status.ts";
 
 /** A client name that needs escaping everywhere: HTML, JSON and Prometheus labels. */
 const ODD_NAME = 'R&D <i>"nas\\2"</i>';
@@ -333,6 +333,116 @@ Deno.test("without a token: unknown paths are 404, other methods 405, the page i
   }
 });
 
+/**
+ * The status line of a raw HTTP/1.1 GET with exactly the `Host` header given (none when
+ * undefined): fetch() would send its own.
+ */
+async function statusWithHost(
+  port: number,
+  path: string,
+  host: string | undefined,
+  extra = "",
+): Promise<string> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const head = host === undefined
+      ? `GET ${path} HTTP/1.0\r\n`
+      : `GET ${path} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n`;
+    await conn.write(new TextEncoder().encode(`${head}${extra}\r\n`));
+    const buf = new Uint8Array(4096);
+    const n = await Promise.race([
+      conn.read(buf),
+      new Promise<never>((_, reject) =>
+        setTimeout(() => reject(new Error("no reply in 10 s")), 10_000)
+      ),
+    ]);
+    const text = new TextDecoder().decode(buf.subarray(0, n ?? 0));
+    return text.split("\r\n")[0];
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test("without a token, a Host that is not the page's address is refused (DNS rebinding)", async () => {
+  const env = await liveSetup();
+  try {
+    const port = Number(new URL(env.base).port);
+    // A page on attacker.example whose name now resolves to 127.0.0.1 sends its own name.
+    for (const path of ["/", "/status.json", "/metrics"]) {
+      for (
+        const host of [`attacker.example:${port}`, "attacker.example", `localhost.evil:${port}`]
+      ) {
+        assert.match(
+          await statusWithHost(port, path, host),
+          /^HTTP\/1\.1 403 /,
+          `${path} with Host: ${host}`,
+        );
+      }
+    }
+    const warning = /WRN.*Host "attacker\.example:\d+" is not/;
+    await env.server.waitFor(warning);
+    // The bound address and its name, with or without the port, are the page itself.
+    for (const host of [`127.0.0.1:${port}`, "127.0.0.1", `localhost:${port}`, "LocalHost."]) {
+      assert.match(
+        await statusWithHost(port, "/status.json", host),
+        /^HTTP\/1\.1 200 /,
+        `Host: ${host}`,
+      );
+    }
+    // An HTTP/1.0 client without a Host header is not a browser.
+    assert.match(await statusWithHost(port, "/metrics", undefined), /^HTTP\/1\.[01] 200 /);
+    const res = await fetch(`${env.base}/status.json`);
+    await res.body?.cancel();
+    assert.equal(res.status, 200, "fetch() by address");
+    assert.equal(env.server.count(warning), 1, "a refused Host is logged as a warning once");
+  } finally {
+    await env.cleanup();
+  }
+});
+
+Deno.test("the Host check: the bound address and its names pass, other names do not", () => {
+  const cases: [string | null, string, boolean][] = [
+    ["127.0.0.1:8080", "127.0.0.1", true],
+    ["localhost", "127.0.0.1", true],
+    ["[::1]:8080", "::1", true],
+    ["localhost:1", "::1", true],
+    ["127.0.0.1", "::1", false],
+    ["evil.example", "127.0.0.1", false],
+    ["127.0.0.1.evil.example", "127.0.0.1", false],
+    ["", "127.0.0.1", false],
+    ["a b", "127.0.0.1", false],
+    ["192.0.2.7:80", "192.0.2.7", true],
+    ["localhost", "192.0.2.7", false],
+    ["status.example", "status.example", true],
+    ["192.0.2.7", "0.0.0.0", true],
+    ["[2001:db8::1]:80", "::", true],
+    ["localhost", "0.0.0.0", true],
+    ["status.example", "0.0.0.0", false],
+    [null, "127.0.0.1", true],
+  ];
+  for (const [header, bound, allowed] of cases) {
+    assert.equal(hostAllowed(header, bound), allowed, `Host ${header} on ${bound}`);
+  }
+});
+
+Deno.test("with a token, the token decides, whatever the Host (a reverse proxy may set any)", async () => {
+  const env = await liveSetup('status_token = "tok"');
+  try {
+    const port = Number(new URL(env.base).port);
+    const bearer = "Authorization: Bearer tok\r\n";
+    assert.match(
+      await statusWithHost(port, "/status.json", "status.example.org", bearer),
+      /^HTTP\/1\.1 200 /,
+    );
+    assert.match(
+      await statusWithHost(port, "/status.json", "status.example.org"),
+      /^HTTP\/1\.1 401 /,
+    );
+  } finally {
+    await env.cleanup();
+  }
+});
+
 Deno.test("a status_port already in use: one clear error line and a non-zero exit", async () => {
   const fixture = await Fixture.create();
   const busy = Deno.listen({ hostname: "127.0.0.1", port: 0 });
@@ -351,8 +461,12 @@ Deno.test("a status_port already in use: one clear error line and a non-zero exi
     const { code, stderr } = await new Program("server.ts", ["--config", config]).result();
     assert.notEqual(code, 0);
     const line = errorLine(stderr, "natadm-server");
-    assert.match(line, new RegExp(`127\\.0\\.0\\.1:${busyPort} \\(status_port\\)`));
-    assert.match(line, /in use/i);
+    // The wording of every port in use (tests/listen_error_test.ts).
+    assert.equal(
+      line,
+      `natadm-server: error: cannot listen on 127.0.0.1:${busyPort} (status_port): ` +
+        "the port is in use by another program",
+    );
   } finally {
     busy.close();
     await fixture.cleanup();
