@@ -12,6 +12,13 @@ import { timingSafeEqual } from "node:crypto";
 import type { Server, ServerSnapshot } from "./server.ts";
 import { log } from "./log.ts";
 import { ACCEPT_BACKOFF_MAX_MS, ACCEPT_BACKOFF_MIN_MS } from "./accept.ts";
+import type { RegistryState } from "./etcd_registry.ts";
+
+/** What the status server shows: the server's snapshot and where its registry stands. */
+export type StatusSnapshot = ServerSnapshot & { registry?: RegistryState };
+
+/** Where the status server gets its snapshots from (the server, or a wrapper of it). */
+export type StatusSource = { snapshot(): StatusSnapshot };
 
 const logger = log("status");
 
@@ -107,13 +114,28 @@ export interface StatusDocument {
   services: ServiceStatus[];
   /** Every live tunnel. */
   tunnels: TunnelStatus[];
+  /** Where clients and services come from (file or etcd), and whether it is reachable. */
+  registry: RegistryStatus | null;
+}
+
+/** The registry in `/status.json`. */
+export interface RegistryStatus {
+  source: "file" | "etcd";
+  /** Whether the source answers now; false: the last registry read stays in force. */
+  connected: boolean;
+  /** Since when `connected` has held (ISO 8601). */
+  since: string;
+  /** The etcd revision of the registry in force; null for a file. */
+  revision: number | null;
+  /** Why etcd is unreachable, while it is. */
+  error: string | null;
 }
 
 const iso = (ms: number | undefined): string | null =>
   ms === undefined ? null : new Date(ms).toISOString();
 
 /** Turns a server snapshot into the `/status.json` document. */
-export function statusDocument(snap: ServerSnapshot, now = Date.now()): StatusDocument {
+export function statusDocument(snap: StatusSnapshot, now = Date.now()): StatusDocument {
   return {
     version: snap.version,
     started: new Date(snap.started).toISOString(),
@@ -148,6 +170,15 @@ export function statusDocument(snap: ServerSnapshot, now = Date.now()): StatusDo
       bytes_up: t.bytesUp,
       bytes_down: t.bytesDown,
     })),
+    registry: snap.registry
+      ? {
+        source: snap.registry.source,
+        connected: snap.registry.connected,
+        since: new Date(snap.registry.since).toISOString(),
+        revision: snap.registry.source === "etcd" ? snap.registry.revision ?? null : null,
+        error: snap.registry.error ?? null,
+      }
+      : null,
   };
 }
 
@@ -277,7 +308,7 @@ const TEXT = "text/plain; charset=utf-8";
 
 /** Answers one request to the status server: token check, then the endpoint. */
 export async function handleStatusRequest(
-  server: Pick<Server, "snapshot">,
+  server: StatusSource,
   token: string | undefined,
   request: Request,
 ): Promise<Response> {
@@ -320,7 +351,10 @@ export async function handleStatusRequest(
  * Starts the status server for `server` on `options.host`:`options.port`. Throws a one-line
  * error naming the address if it cannot listen (e.g. the port is in use).
  */
-export function startStatusServer(server: Server, options: StatusOptions): Promise<StatusServer> {
+export function startStatusServer(
+  server: StatusSource,
+  options: StatusOptions,
+): Promise<StatusServer> {
   const host = options.host ?? "127.0.0.1";
   const serve = (port: number) =>
     Deno.serve(
