@@ -553,7 +553,12 @@ function tile(value, label) {
   return '<div class="tile"><b>' + esc(value) + "</b><span>" + esc(label) + "</span></div>";
 }
 function render(s) {
-  $("version").textContent = "v" + s.version + " · up " + span(s.uptime_seconds);
+  const r = s.registry;
+  $("version").textContent = "v" + s.version + " · up " + span(s.uptime_seconds) +
+    (r && r.source === "etcd"
+      ? " · registry in etcd, revision " + r.revision +
+        (r.connected ? "" : " · etcd UNREACHABLE since " + new Date(r.since).toLocaleString())
+      : "");
   const connected = s.clients.filter((c) => c.connected).length;
   const waiting = s.services.reduce((n, v) => n + v.waiting_users, 0);
   $("tiles").innerHTML = tile(connected + " / " + s.clients.length, "clients connected") +
