@@ -193,6 +193,8 @@ export class EtcdRegistry {
   /** Watches for changes from the revision loaded on, applying each valid state to `host`. */
   start(host: RegistryHost): void {
     this.#host = host;
+    // Just read from etcd: reachable until the watch or the health check says otherwise.
+    this.#watchUp = true;
     this.#watch = this.#etcd.watch(this.#prefix, this.#seen + 1, {
       onEvents: (events, revision) => this.#onEvents(events, revision),
       onConnected: () => {
@@ -277,7 +279,14 @@ export class EtcdRegistry {
       );
       return;
     }
-    if (this.#host?.apply(registry, revision)) this.#applied = revision;
+    try {
+      if (this.#host?.apply(registry, revision)) this.#applied = revision;
+    } catch (err) {
+      logger.error("registry of etcd revision {revision} could not be applied: {error}", {
+        revision,
+        error: (err as Error).message,
+      });
+    }
   }
 
   /** The watch's history was compacted: read everything again; returns that revision. */

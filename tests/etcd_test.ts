@@ -281,6 +281,8 @@ Deno.test({
       const down = await env.status();
       assert.equal(down.registry.source, "etcd");
       assert.equal(down.registry.connected, false);
+      assert.equal(typeof down.registry.revision, "number");
+      assert.equal(typeof down.registry.error, "string");
       assert.equal(await echoOnce("during\n"), "during\n");
       await served(port, "a new user while etcd is down\n");
 
@@ -386,6 +388,103 @@ Deno.test({
       await scope.close();
     }
   },
+});
+
+Deno.test({
+  name: "the etcd client: guarded transactions, leases, and a watch that resumes after compaction",
+  ignore,
+  async fn() {
+    const scope = new Scope();
+    try {
+      const fixture = await Fixture.create();
+      scope.defer(() => fixture.cleanup());
+      const server = new Etcd(join(fixture.dir, "etcd-data"));
+      await server.start();
+      scope.defer(() => server.kill());
+      // The first endpoint is dead: every request falls over to the second.
+      const etcd = new EtcdClient({
+        endpoints: [`http://127.0.0.1:${freePort()}`, server.url],
+        timeoutMs: 2000,
+      });
+      scope.defer(() => etcd.close());
+
+      const rev = await etcd.put("/t/a", "1");
+      await etcd.put("/u/other", "x");
+      const guard = {
+        key: "/t/",
+        prefix: true,
+        target: "mod" as const,
+        result: "less" as const,
+        value: rev + 1,
+      };
+      const ok = await etcd.txn([guard], [{ put: { key: "/t/b", value: "2" } }]);
+      assert.ok(ok.succeeded);
+      // Written since `rev`: the same guard now fails and writes nothing.
+      const stale = await etcd.txn([guard], [{ put: { key: "/t/c", value: "3" } }]);
+      assert.equal(stale.succeeded, false);
+      const { kvs } = await etcd.rangePrefix("/t/");
+      assert.deepEqual(kvs.map((kv) => [kv.key, kv.value]), [["/t/a", "1"], ["/t/b", "2"]]);
+
+      const lease = await etcd.leaseGrant(30);
+      await etcd.put("/t/leased", "held", lease);
+      assert.ok(await etcd.leaseKeepAlive(lease) > 0);
+      await etcd.leaseRevoke(lease);
+      assert.equal((await etcd.rangePrefix("/t/leased")).kvs.length, 0);
+
+      // History up to now is compacted: a watch from revision 1 must read everything again.
+      const now = (await etcd.rangePrefix("/t/")).revision;
+      const compact = await fetch(`${server.url}/v3/kv/compaction`, {
+        method: "POST",
+        body: JSON.stringify({ revision: String(now), physical: true }),
+      });
+      assert.equal(compact.status, 200, await compact.text());
+      const seen: string[] = [];
+      let compacted = 0;
+      const watch = etcd.watch("/t/", 1, {
+        onEvents: (events) => seen.push(...events.map((e) => `${e.type} ${e.kv.key}`)),
+        onCompacted: (err) => {
+          compacted = err.compactRevision;
+          return Promise.resolve(now);
+        },
+      });
+      scope.defer(() => watch.close());
+      await waitUntil(() => compacted === now, "the watch to report the compaction");
+      await etcd.put("/t/d", "4");
+      await etcd.delete("/t/a");
+      await waitUntil(() => seen.length === 2, () => `two events, got ${seen}`);
+      assert.deepEqual(seen, ["put /t/d", "delete /t/a"]);
+    } finally {
+      await scope.close();
+    }
+  },
+});
+
+Deno.test('server permissions with registry = "etcd": any port of listen_host, and etcd', async () => {
+  const fixture = await Fixture.create();
+  try {
+    const port = freePort();
+    const file = await fixture.write(
+      "server.toml",
+      serverToml({
+        communicationPort: port,
+        clients: [],
+        services: [],
+        extra:
+          `registry = "etcd"\netcd_endpoints = ["http://10.0.0.5:2379", "https://etcd.example"]`,
+      }),
+    );
+    const { loadServerConfig } = await import("../src/config.ts");
+    const { serverGrants } = await import("../src/permissions.ts");
+    const grants = serverGrants(await loadServerConfig(file));
+    assert.deepEqual(grants.net, [
+      "127.0.0.1",
+      `127.0.0.1:${port}`,
+      "10.0.0.5:2379",
+      "etcd.example:443",
+    ]);
+  } finally {
+    await fixture.cleanup();
+  }
 });
 
 Deno.test("server config: registry and etcd_* keys are validated like the others", async () => {
