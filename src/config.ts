@@ -67,11 +67,93 @@ export interface ServerConfig {
   /** Status page and metrics: where to listen (none when `status_port` is absent). */
   status?: { host: string; port: number; token?: string };
   logLevel?: LogLevel;
+  /** Where clients, services and users come from: this file, or etcd (`registry = "etcd"`). */
+  registry: RegistrySettings;
   /** Client name → its Ed25519 public key. */
   clients: Map<string, CryptoKey>;
   /** Client name → its public key as written (base64 SPKI), to tell when a key changes. */
   clientKeyText: Map<string, string>;
   services: ServiceConfig[];
+}
+
+/** The `registry` key and, for etcd, how to reach it. */
+export type RegistrySettings = { source: "file" } | ({ source: "etcd" } & EtcdSettings);
+
+/** How to reach the etcd that holds the registry (the `etcd_*` keys). */
+export interface EtcdSettings {
+  /** Base URLs (`etcd_endpoints`). */
+  endpoints: string[];
+  /** Key prefix of the registry (`etcd_prefix`, default "/natadm/"). */
+  prefix: string;
+  username?: string;
+  password?: string;
+  /** PEM text of `etcd_cafile`, to trust for https endpoints. */
+  caPem?: string;
+}
+
+/** One user of the registry: who may reach which clients' services through this cluster. */
+export interface UserConfig {
+  name: string;
+  /** Ed25519 public key as written (base64 SPKI). */
+  key: string;
+  /** Rules as written, "CLIENT-GLOB:PORT" or "CLIENT-GLOB:*". */
+  allow: string[];
+}
+
+/** What a registry holds, validated: from a file's tables or from etcd's keys. */
+export interface RegistryConfig {
+  clients: Map<string, CryptoKey>;
+  clientKeyText: Map<string, string>;
+  services: ServiceConfig[];
+  users: Map<string, UserConfig>;
+}
+
+/** A registry as plain data: entry name (a client or user name, a port) → its fields. */
+export interface RawRegistry {
+  clients: Record<string, unknown>;
+  services: Record<string, unknown>;
+  users: Record<string, unknown>;
+}
+
+/** The three tables of a registry. */
+export type RegistryKind = keyof RawRegistry;
+
+/** Where registry entries come from, so that every error names the file and key, or etcd key. */
+export interface RegistrySource {
+  /**
+   * Names entry `key` of `kind`: `label` for the entry itself; `file` and `prefix` for a
+   * {@link Reader} of its fields.
+   */
+  place(kind: RegistryKind, key: string): { label: string; file: string; prefix: string };
+  /** How to add client `name`, for a service that names it and finds none. */
+  addClientHint(name: string): string;
+}
+
+/** Entries from the `[clients]`, `[services]` (and `[users]`) tables of config file `file`. */
+export function fileSource(file: string): RegistrySource {
+  return {
+    place(kind, key) {
+      const at = `${kind}.${kind === "services" ? key : JSON.stringify(key)}`;
+      return { label: `${file}: ${at}`, file, prefix: `${at}.` };
+    },
+    addClientHint: (name) =>
+      `no client ${JSON.stringify(name)} in [clients]; add [clients.${
+        JSON.stringify(name)
+      }] with its key`,
+  };
+}
+
+/** Entries from etcd keys under `prefix` (`clients/NAME`, `services/PORT`, `users/NAME`). */
+export function etcdSource(prefix: string): RegistrySource {
+  return {
+    place(kind, key) {
+      const label = `etcd ${prefix}${kind}/${key}`;
+      return { label, file: label, prefix: "" };
+    },
+    addClientHint: (name) =>
+      `no client ${JSON.stringify(name)} in etcd (${prefix}clients/${name}); add it first ` +
+      "(deno task admin add-client)",
+  };
 }
 
 /** A loaded and validated client configuration. */
@@ -315,6 +397,13 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "status_token",
     "pending_timeout",
     "log_level",
+    "registry",
+    "etcd_endpoints",
+    "etcd_prefix",
+    "etcd_username",
+    "etcd_password",
+    "etcd_password_file",
+    "etcd_cafile",
     "clients",
     "services",
   ]);
@@ -347,84 +436,33 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     );
   }
 
-  const clients = new Map<string, CryptoKey>();
-  const clientKeyText = new Map<string, string>();
-  const clientsTable = r.table_("clients");
-  for (const [name, entry] of Object.entries(clientsTable)) {
-    const at = `clients.${JSON.stringify(name)}`;
-    const problem = checkName(name);
-    if (problem) r.fail(at, `client name ${problem}`);
-    if (!isTable(entry)) r.fail(at, `expected a table with a key, got ${describe(entry)}`);
-    const c: Reader = new Reader(file, entry, `${at}.`);
-    c.only(["key"]);
-    const text = c.string("key").trim();
-    const der = fromBase64(text);
-    let publicKey: CryptoKey | undefined;
-    if (der) {
-      try {
-        publicKey = await importPublicKey(der);
-      } catch {
-        // Reported below with the expected form.
+  const registry = await registrySettings(r);
+  const readFiles = [cert.path, key.path];
+  if (registry.source === "etcd") {
+    for (const table of ["clients", "services", "users"]) {
+      if (r.has(table)) {
+        r.fail(
+          table,
+          `with registry = "etcd" the ${table} live in etcd, not in this file; move them with ` +
+            `\`deno task admin --etcd URL import ${file}\` run on a copy that still has them`,
+        );
       }
     }
-    if (!publicKey) {
-      c.fail(
-        "key",
-        "expected an Ed25519 public key as base64 SPKI (the line `deno task keygen` prints, " +
-          "or the body of `openssl pkey -pubout`)",
-      );
+    if (r.has("etcd_cafile")) readFiles.push(resolve(dirname(file), r.string("etcd_cafile")));
+    if (r.has("etcd_password_file")) {
+      readFiles.push(resolve(dirname(file), r.string("etcd_password_file")));
     }
-    clients.set(name, publicKey);
-    clientKeyText.set(name, text);
   }
-
-  const services: ServiceConfig[] = [];
-  const seen = new Set<number>();
-  for (const [portKey, entry] of Object.entries(r.table_("services"))) {
-    const at = `services.${portKey}`;
-    if (!/^[0-9]+$/.test(portKey)) r.fail(at, "service keys must be port numbers (1-65535)");
-    const port = r.port(at, Number(portKey));
-    if (port === communicationPort) {
-      r.fail(at, `port ${port} is also communication_port; pick another`);
-    }
-    if (seen.has(port)) r.fail(at, `port ${port} is listed twice`);
-    seen.add(port);
-    if (!isTable(entry)) r.fail(at, `expected a table with name and port, got ${describe(entry)}`);
-    const s: Reader = new Reader(file, entry, `${at}.`);
-    s.only(["name", "port", "host", "allow_from"]);
-    const name = s.string("name");
-    if (!clients.has(name)) {
-      s.fail(
-        "name",
-        `no client ${JSON.stringify(name)} in [clients]; add [clients.${
-          JSON.stringify(name)
-        }] with its key`,
-      );
-    }
-    let allowFrom: Networks | undefined;
-    if (s.has("allow_from")) {
-      const list = entry.allow_from;
-      if (!Array.isArray(list) || list.some((x) => typeof x !== "string")) {
-        s.fail("allow_from", `expected a list of networks such as "203.0.113.0/24"`);
-      }
-      try {
-        allowFrom = new Networks(list as string[]);
-      } catch (err) {
-        s.fail("allow_from", (err as Error).message);
-      }
-    }
-    services.push({
-      port,
-      name,
-      host: s.string("host", "localhost"),
-      targetPort: s.port("port"),
-      allowFrom,
-    });
-  }
+  const { clients, clientKeyText, services } = await parseRegistry(
+    { clients: r.table_("clients"), services: r.table_("services"), users: {} },
+    fileSource(file),
+    new Map([[communicationPort, "communication_port"]]),
+  );
+  const seen = new Set(services.map((s) => s.port));
 
   return {
     file,
-    readFiles: [cert.path, key.path],
+    readFiles,
     communicationPort,
     listenHost: r.host("listen_host", r.string("listen_host", "0.0.0.0")),
     certPem: cert.text,
@@ -449,10 +487,241 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
       }
       : undefined,
     logLevel: r.logLevel(),
+    registry,
     clients,
     clientKeyText,
     services,
   };
+}
+
+/** Reads `registry` and the `etcd_*` keys. */
+async function registrySettings(r: Reader): Promise<RegistrySettings> {
+  const source = r.string("registry", "file");
+  const etcdKeys = [
+    "etcd_endpoints",
+    "etcd_prefix",
+    "etcd_username",
+    "etcd_password",
+    "etcd_password_file",
+    "etcd_cafile",
+  ];
+  if (source === "file") {
+    const stray = etcdKeys.find((k) => r.has(k));
+    if (stray) r.fail(stray, `only used with registry = "etcd"`);
+    return { source };
+  }
+  if (source !== "etcd") r.fail("registry", `expected "file" or "etcd", got "${source}"`);
+  const list = r.table.etcd_endpoints;
+  if (!Array.isArray(list) || list.length === 0) {
+    r.fail(
+      "etcd_endpoints",
+      `required with registry = "etcd", expected a list of URLs such as ` +
+        `["http://127.0.0.1:2379"]`,
+    );
+  }
+  const endpoints = list.map((v, i) => etcdEndpoint(r, `etcd_endpoints[${i}]`, v));
+  const prefix = r.string("etcd_prefix", DEFAULT_ETCD_PREFIX);
+  const problem = etcdPrefixProblem(prefix);
+  if (problem) r.fail("etcd_prefix", problem);
+  const settings: RegistrySettings = { source, endpoints, prefix };
+  if (r.has("etcd_username")) settings.username = r.string("etcd_username");
+  if (r.has("etcd_password") && r.has("etcd_password_file")) {
+    r.fail("etcd_password_file", "give etcd_password or etcd_password_file, not both");
+  }
+  if (r.has("etcd_password")) settings.password = r.string("etcd_password");
+  if (r.has("etcd_password_file")) {
+    const f = await r.file_("etcd_password_file", r.string("etcd_password_file"), true);
+    settings.password = f.text.replace(/\r?\n$/, "");
+  }
+  if (settings.password !== undefined && settings.username === undefined) {
+    r.fail("etcd_username", "required when a password is given");
+  }
+  if (r.has("etcd_cafile")) {
+    const ca = await r.file_("etcd_cafile", r.string("etcd_cafile"));
+    try {
+      new X509Certificate(ca.text);
+    } catch (err) {
+      r.fail("etcd_cafile", `${ca.path} is not a PEM certificate: ${(err as Error).message}`);
+    }
+    settings.caPem = ca.text;
+  }
+  return settings;
+}
+
+/** The registry's key prefix in etcd unless `etcd_prefix` says otherwise. */
+export const DEFAULT_ETCD_PREFIX = "/natadm/";
+
+/** Why `prefix` cannot be an etcd prefix of the registry, or undefined. */
+export function etcdPrefixProblem(prefix: string): string | undefined {
+  // deno-lint-ignore no-control-regex
+  if (!prefix.endsWith("/") || /[\x00-\x1f\x7f]/.test(prefix)) {
+    return `expected a key prefix ending in "/" such as "/natadm/", got ${JSON.stringify(prefix)}`;
+  }
+  return undefined;
+}
+
+/** Checks one etcd endpoint: an http(s) URL with a host and port and nothing after. */
+export function etcdEndpointProblem(v: unknown): string | undefined {
+  let url: URL | undefined;
+  try {
+    url = typeof v === "string" ? new URL(v) : undefined;
+  } catch {
+    // Reported below.
+  }
+  const host = url?.hostname.replace(/^\[(.*)\]$/, "$1");
+  if (
+    !url || (url.protocol !== "http:" && url.protocol !== "https:") || !host || !isHost(host) ||
+    (url.pathname !== "/" && url.pathname !== "") || url.search || url.hash || url.username
+  ) {
+    return `expected a URL such as "http://127.0.0.1:2379", got ${describe(v)}`;
+  }
+  return undefined;
+}
+
+function etcdEndpoint(r: Reader, key: string, v: unknown): string {
+  const problem = etcdEndpointProblem(v);
+  if (problem) r.fail(key, problem);
+  return (v as string).replace(/\/+$/, "");
+}
+
+/**
+ * Validates a registry from any source: the same rules for a file's tables and for etcd's
+ * keys, every error naming the entry as `source` places it. `reserved` maps ports a service
+ * must not take to the key that holds them (communication_port, status_port).
+ */
+export async function parseRegistry(
+  raw: RawRegistry,
+  source: RegistrySource,
+  reserved: Map<number, string> = new Map(),
+): Promise<RegistryConfig> {
+  const entryFail: (kind: RegistryKind, key: string, problem: string) => never = (
+    kind,
+    key,
+    problem,
+  ) => {
+    throw new ConfigError(`${source.place(kind, key).label}: ${problem}`);
+  };
+  const reader = (kind: RegistryKind, key: string, entry: Table): Reader => {
+    const { file, prefix } = source.place(kind, key);
+    return new Reader(file, entry, prefix);
+  };
+
+  const clients = new Map<string, CryptoKey>();
+  const clientKeyText = new Map<string, string>();
+  for (const [name, entry] of Object.entries(raw.clients)) {
+    const problem = checkName(name);
+    if (problem) entryFail("clients", name, `client name ${problem}`);
+    if (!isTable(entry)) {
+      entryFail("clients", name, `expected a table with a key, got ${describe(entry)}`);
+    }
+    const c: Reader = reader("clients", name, entry);
+    c.only(["key"]);
+    const { key, text } = await publicKey(c);
+    clients.set(name, key);
+    clientKeyText.set(name, text);
+  }
+
+  const services: ServiceConfig[] = [];
+  const seen = new Set<number>();
+  for (const [portKey, entry] of Object.entries(raw.services)) {
+    if (!/^[0-9]+$/.test(portKey)) {
+      entryFail("services", portKey, "service keys must be port numbers (1-65535)");
+    }
+    const port = Number(portKey);
+    if (port < 1 || port > 65535) {
+      entryFail("services", portKey, `expected a port number (1-65535), got number ${port}`);
+    }
+    const taken = reserved.get(port);
+    if (taken) entryFail("services", portKey, `port ${port} is also ${taken}; pick another`);
+    if (seen.has(port)) entryFail("services", portKey, `port ${port} is listed twice`);
+    seen.add(port);
+    if (!isTable(entry)) {
+      entryFail(
+        "services",
+        portKey,
+        `expected a table with name and port, got ${describe(entry)}`,
+      );
+    }
+    const s: Reader = reader("services", portKey, entry);
+    s.only(["name", "port", "host", "allow_from"]);
+    const name = s.string("name");
+    if (!clients.has(name)) s.fail("name", source.addClientHint(name));
+    let allowFrom: Networks | undefined;
+    if (s.has("allow_from")) {
+      const list = entry.allow_from;
+      if (!Array.isArray(list) || list.some((x) => typeof x !== "string")) {
+        s.fail("allow_from", `expected a list of networks such as "203.0.113.0/24"`);
+      }
+      try {
+        allowFrom = new Networks(list as string[]);
+      } catch (err) {
+        s.fail("allow_from", (err as Error).message);
+      }
+    }
+    services.push({
+      port,
+      name,
+      host: s.string("host", "localhost"),
+      targetPort: s.port("port"),
+      allowFrom,
+    });
+  }
+
+  const users = new Map<string, UserConfig>();
+  for (const [name, entry] of Object.entries(raw.users)) {
+    const problem = checkName(name);
+    if (problem) entryFail("users", name, `user name ${problem}`);
+    if (!isTable(entry)) {
+      entryFail("users", name, `expected a table with key and allow, got ${describe(entry)}`);
+    }
+    const u: Reader = reader("users", name, entry);
+    u.only(["key", "allow"]);
+    const { text } = await publicKey(u);
+    const allow = entry.allow;
+    if (!Array.isArray(allow) || allow.length === 0) {
+      u.fail(
+        "allow",
+        `expected a list of rules such as "web-*:22" or "db:*", got ` +
+          describe(allow),
+      );
+    }
+    allow.forEach((rule, i) => {
+      const problem = userRuleProblem(rule);
+      if (problem) u.fail(`allow[${i}]`, problem);
+    });
+    users.set(name, { name, key: text, allow: allow as string[] });
+  }
+  return { clients, clientKeyText, services, users };
+}
+
+/** Why `rule` is not a user's "CLIENT-GLOB:PORT" or "CLIENT-GLOB:*" rule, or undefined. */
+export function userRuleProblem(rule: unknown): string | undefined {
+  const m = typeof rule === "string" ? /^(.+):([0-9]+|\*)$/.exec(rule) : null;
+  const port = m && m[2] !== "*" ? Number(m[2]) : 1;
+  if (!m || checkName(m[1]) !== null || port < 1 || port > 65535) {
+    return `expected "CLIENT:PORT" with a client name or glob (* and ?) and a port or *, got ${
+      describe(rule)
+    }`;
+  }
+  return undefined;
+}
+
+/** Reads the `key` field: an Ed25519 public key as base64 SPKI. */
+async function publicKey(r: Reader): Promise<{ key: CryptoKey; text: string }> {
+  const text = r.string("key").trim();
+  const der = fromBase64(text);
+  if (der) {
+    try {
+      return { key: await importPublicKey(der), text };
+    } catch {
+      // Reported below with the expected form.
+    }
+  }
+  r.fail(
+    "key",
+    "expected an Ed25519 public key as base64 SPKI (the line `deno task keygen` prints, " +
+      "or the body of `openssl pkey -pubout`)",
+  );
 }
 
 /** Loads, validates and resolves a client config file. */

@@ -22,12 +22,21 @@ function netHost(host: string): string {
 /**
  * The server's grants: listen on its ports (nothing outbound) and read its config and certs.
  * `--watch-config` needs nothing more: it watches the config file itself, not its directory.
+ * With the registry in etcd, services come and go without a restart, so it may listen on any
+ * port of `listen_host`, and it connects to the etcd endpoints.
  */
 export function serverGrants(config: ServerConfig): Grants {
   const host = netHost(config.listenHost);
   const net = [config.communicationPort, ...config.services.map((s) => s.port)].map((p) =>
     `${host}:${p}`
   );
+  if (config.registry.source === "etcd") {
+    net.unshift(host);
+    for (const endpoint of config.registry.endpoints) {
+      const url = new URL(endpoint);
+      net.push(`${url.hostname}:${url.port || (url.protocol === "https:" ? 443 : 80)}`);
+    }
+  }
   if (config.status) net.push(`${netHost(config.status.host)}:${config.status.port}`);
   return { net, read: [config.file, ...config.readFiles] };
 }

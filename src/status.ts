@@ -15,6 +15,13 @@ import type { Server, ServerSnapshot } from "./server.ts";
 import { listenError } from "./listen_error.ts";
 import { log } from "./log.ts";
 import { ACCEPT_BACKOFF_MAX_MS, ACCEPT_BACKOFF_MIN_MS } from "./accept.ts";
+import type { RegistryState } from "./etcd_registry.ts";
+
+/** What the status server shows: the server's snapshot and where its registry stands. */
+export type StatusSnapshot = ServerSnapshot & { registry?: RegistryState };
+
+/** Where the status server gets its snapshots from (the server, or a wrapper of it). */
+export type StatusSource = { snapshot(): StatusSnapshot };
 
 const logger = log("status");
 
@@ -110,13 +117,28 @@ export interface StatusDocument {
   services: ServiceStatus[];
   /** Every live tunnel. */
   tunnels: TunnelStatus[];
+  /** Where clients and services come from (file or etcd), and whether it is reachable. */
+  registry: RegistryStatus | null;
+}
+
+/** The registry in `/status.json`. */
+export interface RegistryStatus {
+  source: "file" | "etcd";
+  /** Whether the source answers now; false: the last registry read stays in force. */
+  connected: boolean;
+  /** Since when `connected` has held (ISO 8601). */
+  since: string;
+  /** The etcd revision of the registry in force; null for a file. */
+  revision: number | null;
+  /** Why etcd is unreachable, while it is. */
+  error: string | null;
 }
 
 const iso = (ms: number | undefined): string | null =>
   ms === undefined ? null : new Date(ms).toISOString();
 
 /** Turns a server snapshot into the `/status.json` document. */
-export function statusDocument(snap: ServerSnapshot, now = Date.now()): StatusDocument {
+export function statusDocument(snap: StatusSnapshot, now = Date.now()): StatusDocument {
   return {
     version: snap.version,
     started: new Date(snap.started).toISOString(),
@@ -151,6 +173,15 @@ export function statusDocument(snap: ServerSnapshot, now = Date.now()): StatusDo
       bytes_up: t.bytesUp,
       bytes_down: t.bytesDown,
     })),
+    registry: snap.registry
+      ? {
+        source: snap.registry.source,
+        connected: snap.registry.connected,
+        since: new Date(snap.registry.since).toISOString(),
+        revision: snap.registry.source === "etcd" ? snap.registry.revision ?? null : null,
+        error: snap.registry.error ?? null,
+      }
+      : null,
   };
 }
 
@@ -315,7 +346,7 @@ export function hostAllowed(header: string | null, bound: string): boolean {
  * token, the Host check of {@link hostAllowed}), then the endpoint.
  */
 export async function handleStatusRequest(
-  server: Pick<Server, "snapshot">,
+  server: StatusSource,
   token: string | undefined,
   request: Request,
   host = "127.0.0.1",
@@ -376,7 +407,10 @@ export async function handleStatusRequest(
  * Starts the status server for `server` on `options.host`:`options.port`. Throws a one-line
  * error naming the address if it cannot listen (e.g. the port is in use).
  */
-export function startStatusServer(server: Server, options: StatusOptions): Promise<StatusServer> {
+export function startStatusServer(
+  server: StatusSource,
+  options: StatusOptions,
+): Promise<StatusServer> {
   const host = options.host ?? "127.0.0.1";
   const serve = (port: number) =>
     Deno.serve(
@@ -571,7 +605,12 @@ function tile(value, label) {
   return '<div class="tile"><b>' + esc(value) + "</b><span>" + esc(label) + "</span></div>";
 }
 function render(s) {
-  $("version").textContent = "v" + s.version + " · up " + span(s.uptime_seconds);
+  const r = s.registry;
+  $("version").textContent = "v" + s.version + " · up " + span(s.uptime_seconds) +
+    (r && r.source === "etcd"
+      ? " · registry in etcd, revision " + r.revision +
+        (r.connected ? "" : " · etcd UNREACHABLE since " + new Date(r.since).toLocaleString())
+      : "");
   const connected = s.clients.filter((c) => c.connected).length;
   const waiting = s.services.reduce((n, v) => n + v.waiting_users, 0);
   $("tiles").innerHTML = tile(connected + " / " + s.clients.length, "clients connected") +
