@@ -548,6 +548,46 @@ Deno.test("max_tunnels_per_client: a user past the client's live tunnels is refu
   }
 });
 
+Deno.test("max_tunnels_per_address: a user past its address's live tunnels is refused; another address is served", async () => {
+  const scope = new Scope();
+  try {
+    const w = await echoWorld(scope, { extra: "max_tunnels_per_address = 2" });
+    const live = [
+      own(scope, await connectUser(w.servicePort)),
+      own(scope, await connectUser(w.servicePort)),
+    ];
+    for (const user of live) assert.ok(await echoesThrough(user, bytes("live")));
+    const third = own(scope, await connectUser(w.servicePort));
+    assert.ok(await closedWithin(third), "the user past max_tunnels_per_address was not closed");
+    await w.server.waitFor(
+      new RegExp(
+        `user ${addr(portOf(third))} on service ${w.servicePort} refused: "?127\\.0\\.0\\.1 has ` +
+          `2 live tunnels \\(max_tunnels_per_address\\)`,
+      ),
+    );
+    // Another address has its own count: a user from 127.0.0.2 is served.
+    const other = net.connect({
+      host: "127.0.0.1",
+      port: w.servicePort,
+      localAddress: "127.0.0.2",
+    });
+    scope.defer(() => other.destroy());
+    const echoed = await new Promise<string>((resolve, reject) => {
+      let got = "";
+      other.on("data", (d: Uint8Array) => {
+        got += new TextDecoder().decode(d);
+        if (got === "from elsewhere") resolve(got);
+      });
+      other.on("error", reject);
+      other.on("close", () => reject(new Error(`closed after ${JSON.stringify(got)}`)));
+      other.write("from elsewhere");
+    });
+    assert.equal(echoed, "from elsewhere");
+  } finally {
+    await scope.close();
+  }
+});
+
 Deno.test("max_unauthenticated: connections past the limit are dropped at once until the silent ones leave", async () => {
   const scope = new Scope();
   try {
