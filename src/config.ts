@@ -72,6 +72,42 @@ export interface ServerConfig {
   /** Client name → its public key as written (base64 SPKI), to tell when a key changes. */
   clientKeyText: Map<string, string>;
   services: ServiceConfig[];
+  /** User name → its key and the clients and ports it may reach (`[users]`). */
+  users: Map<string, UserEntry>;
+  /** Live tunnels of one user at most, over all its connections (max_tunnels_per_user). */
+  maxTunnelsPerUser: number;
+}
+
+/** One rule of a user's `allow` list: a client-name glob and a port (null: any port). */
+export interface UserRule {
+  /** The entry as written, for messages. */
+  text: string;
+  /** The client-name glob (`*` any run of characters, `?` one) as a whole-name pattern. */
+  client: RegExp;
+  port: number | null;
+}
+
+/** One entry of the server's `[users]` table. */
+export interface UserEntry {
+  /** The user's Ed25519 public key. */
+  key: CryptoKey;
+  /** The key as written (base64 SPKI), to tell when it changes. */
+  keyText: string;
+  /** What the user may reach. */
+  allow: UserRule[];
+}
+
+/** A loaded and validated user configuration (`user.toml`, for `connect` and `forward`). */
+export interface UserConfig {
+  file: string;
+  /** Every other file the config names (CA, key), as absolute paths. */
+  readFiles: string[];
+  name: string;
+  remoteHost: string;
+  remotePort: number;
+  caPem: string;
+  key: CryptoKey;
+  logLevel?: LogLevel;
 }
 
 /** A loaded and validated client configuration. */
@@ -317,6 +353,8 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "log_level",
     "clients",
     "services",
+    "users",
+    "max_tunnels_per_user",
   ]);
   const communicationPort = r.port("communication_port");
   const [certPath, keyPath] = r.pair("communication_server_certificate");
@@ -452,6 +490,103 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     clients,
     clientKeyText,
     services,
+    users: await usersTable(r),
+    maxTunnelsPerUser: r.count("max_tunnels_per_user", 64),
+  };
+}
+
+/** Parses `[users.NAME]` tables: each a `key` and an `allow` list of "CLIENT-GLOB:PORT". */
+async function usersTable(r: Reader): Promise<Map<string, UserEntry>> {
+  const users = new Map<string, UserEntry>();
+  for (const [name, entry] of Object.entries(r.table_("users"))) {
+    const at = `users.${JSON.stringify(name)}`;
+    const problem = checkName(name);
+    if (problem) r.fail(at, `user name ${problem}`);
+    if (!isTable(entry)) r.fail(at, `expected a table with key and allow, got ${describe(entry)}`);
+    const u: Reader = new Reader(r.file, entry, `${at}.`);
+    u.only(["key", "allow"]);
+    const keyText = u.string("key").trim();
+    const der = fromBase64(keyText);
+    const key = der ? await importPublicKey(der).catch(() => undefined) : undefined;
+    if (!key) {
+      u.fail(
+        "key",
+        "expected an Ed25519 public key as base64 SPKI (the line `deno task keygen` prints, " +
+          "or the body of `openssl pkey -pubout`)",
+      );
+    }
+    const list = entry.allow;
+    if (!Array.isArray(list)) {
+      u.fail("allow", `required, expected a list such as ["foo bar:22", "web-*:80", "lab-?:*"]`);
+    }
+    const allow = list.map((rule, i) => userRule(u, `allow[${i}]`, rule));
+    users.set(name, { key, keyText, allow });
+  }
+  return users;
+}
+
+/** Parses one "CLIENT-GLOB:PORT" rule; the last ':' splits, PORT is a number or `*`. */
+function userRule(r: Reader, at: string, rule: unknown): UserRule {
+  const expected = `expected "CLIENT:PORT" (a client-name glob with * and ?, then a port ` +
+    `number or *), got ${describe(rule)}`;
+  if (typeof rule !== "string") r.fail(at, expected);
+  const split = rule.lastIndexOf(":");
+  if (split <= 0) r.fail(at, expected);
+  const glob = rule.slice(0, split);
+  const portText = rule.slice(split + 1);
+  if (checkName(glob)) r.fail(at, expected);
+  let port: number | null = null;
+  if (portText !== "*") {
+    if (!/^[0-9]{1,5}$/.test(portText)) r.fail(at, expected);
+    port = r.port(at, Number(portText));
+  }
+  const pattern = glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")
+    .replace(/\?/g, ".");
+  return { text: rule, client: new RegExp(`^${pattern}$`, "su"), port };
+}
+
+/** The first of `rules` that lets a user reach `client`:`port`, or undefined. */
+export function userRuleFor(rules: UserRule[], client: string, port: number): UserRule | undefined {
+  return rules.find((rule) =>
+    (rule.port === null || rule.port === port) && rule.client.test(client)
+  );
+}
+
+/** Loads, validates and resolves a user config file (`user.toml`). */
+export async function loadUserConfig(file: string): Promise<UserConfig> {
+  file = configPath(file);
+  const r: Reader = new Reader(file, await readToml(file));
+  r.only(["name", "remote", "cafile", "key", "log_level"]);
+  const name = r.string("name");
+  const problem = checkName(name);
+  if (problem) r.fail("name", problem);
+  const [host, port] = r.pair("remote");
+  if (typeof host !== "string" || !isHost(host)) {
+    r.fail("remote", `expected ["host", port] with a host name or IP, got ${describe(host)}`);
+  }
+  const remotePort = r.port("remote[1]", port);
+  const ca = await r.file_("cafile", r.string("cafile"));
+  try {
+    new X509Certificate(ca.text);
+  } catch (err) {
+    r.fail("cafile", `${ca.path} is not a PEM certificate: ${(err as Error).message}`);
+  }
+  const keyFile = await r.file_("key", r.string("key"), true);
+  let key: CryptoKey;
+  try {
+    key = await importPrivateKey(keyFile.text);
+  } catch (err) {
+    r.fail("key", `${keyFile.path} is not an Ed25519 private key: ${(err as Error).message}`);
+  }
+  return {
+    file,
+    readFiles: [ca.path, keyFile.path],
+    name,
+    remoteHost: host,
+    remotePort,
+    caPem: ca.text,
+    key,
+    logLevel: r.logLevel(),
   };
 }
 
