@@ -351,10 +351,10 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "status_token",
     "pending_timeout",
     "log_level",
+    "max_tunnels_per_user",
+    "users",
     "clients",
     "services",
-    "users",
-    "max_tunnels_per_user",
   ]);
   const communicationPort = r.port("communication_port");
   const [certPath, keyPath] = r.pair("communication_server_certificate");

@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { CERT_FILES } from "../src/certs.ts";
+import { loadServerConfig, userRuleFor } from "../src/config.ts";
 import {
   clientToml,
   DEADLINE_MS,
@@ -59,11 +60,17 @@ async function setup(options: {
   const other = await fixture.identity("other");
   const alice = await fixture.identity("alice");
   const communicationPort = freePort();
+  const statusPort = freePort();
   const allow = (options.allow ?? [`${CLIENT}:${echo.port}`]).map((a) =>
     a.replace("ECHO", String(echo.port))
   );
   const serverText = (users: string) =>
-    serverToml({ communicationPort, clients: [client, other], services: [] }) + users;
+    serverToml({
+      communicationPort,
+      clients: [client, other],
+      services: [],
+      extra: `status_port = ${statusPort}`,
+    }) + users;
   const serverConfig = await fixture.write("server.toml", serverText(userTable(alice, allow)));
   const server = await scope.server(serverConfig, options.serverArgs);
   const clientText = clientToml({ identity: client, communicationPort }) +
@@ -78,6 +85,7 @@ async function setup(options: {
     other,
     alice,
     communicationPort,
+    statusPort,
     server,
     serverText,
     serverConfig,
@@ -251,8 +259,21 @@ Deno.test("connect refuses with one line and an exit code: unknown user, wrong k
       assert.equal(result.stdout, "", "stdout carries tunnel bytes only");
       assert.match(errorLine(result.stderr, "natadm-connect"), message);
     }
-    const status = await env.server.waitFor(/refused by the client/);
-    assert.match(status, /user "alice"/);
+    const line = await env.server.waitFor(/refused by the client/);
+    assert.match(line, /user "alice"/);
+    // The status page counts each refusal by its reason.
+    const metrics = await (await fetch(`http://127.0.0.1:${env.statusPort}/metrics`)).text();
+    for (
+      const reason of [
+        "unknown_user",
+        "wrong_key",
+        "not_allowed",
+        "client_offline",
+        "client_refused",
+      ]
+    ) {
+      assert.match(metrics, new RegExp(`natadm_user_refusals_total\\{reason="${reason}"\\} 1\n`));
+    }
   } finally {
     await env.scope.close();
   }
@@ -362,12 +383,24 @@ Deno.test("removing a user on reload closes its live tunnel; --wait waits for an
     // JSON logs carry who opened the tunnel.
     const open = JSON.parse(await env.server.waitFor(/tunnel open: user/));
     assert.equal(open.properties.by, "alice");
+    // The status page shows alice connected, with her live tunnel and its bytes.
+    const status = await (await fetch(`http://127.0.0.1:${env.statusPort}/status.json`)).json();
+    const alice = status.users.find((u: { name: string }) => u.name === "alice");
+    assert.equal(alice.connected, true);
+    assert.equal(alice.tunnels.length, 1);
+    assert.equal(alice.tunnels[0].client, CLIENT);
+    assert.equal(alice.tunnels[0].port, env.echo.port);
+    assert.equal(alice.tunnels[0].bytes_up, "early bytes".length);
+    assert.equal(alice.tunnels[0].bytes_down, "early bytes".length);
+    assert.equal(status.tunnels[0].by, "alice");
+    const metrics = await (await fetch(`http://127.0.0.1:${env.statusPort}/metrics`)).text();
+    assert.match(metrics, /natadm_user_tunnels_active\{user="alice"\} 1\n/);
     // Remove alice and reload: her connection is logged out and the tunnel closes.
     await Deno.writeTextFile(env.serverConfig, env.serverText(""));
     env.server.kill("SIGHUP");
     const stderr = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
-    const status = await statusWithin(child, DEADLINE_MS);
-    assert.equal(status.code, 3, "logged out: the login is refused");
+    const exit = await statusWithin(child, DEADLINE_MS);
+    assert.equal(exit.code, 3, "logged out: the login is refused");
     let errors = "";
     for (;;) {
       const { value, done } = await stderr.read();
@@ -430,3 +463,81 @@ async function readStream(
   }
   return text;
 }
+
+Deno.test("a bad [users] table stops the server with one line naming the file and key", async () => {
+  const fixture = await Fixture.create();
+  try {
+    const alice = await fixture.identity("alice");
+    const base = serverToml({ communicationPort: freePort(), clients: [], services: [] });
+    const cases: [string, string, RegExp][] = [
+      [
+        `[users.alice]\nkey = "${alice.publicKey}"\nallow = ["foo bar"]\n`,
+        'users."alice".allow[0]',
+        /expected "CLIENT:PORT" \(a client-name glob with \* and \?, then a port number or \*\), got the string "foo bar"$/,
+      ],
+      [
+        `[users.alice]\nkey = "${alice.publicKey}"\nallow = ["web-*:http"]\n`,
+        'users."alice".allow[0]',
+        /expected "CLIENT:PORT"/,
+      ],
+      [
+        `[users.alice]\nkey = "${alice.publicKey}"\nallow = ["web:70000"]\n`,
+        'users."alice".allow[0]',
+        /expected a port number \(1-65535\), got number 70000$/,
+      ],
+      [
+        `[users.alice]\nkey = "not a key"\nallow = []\n`,
+        'users."alice".key',
+        /expected an Ed25519 public key as base64 SPKI/,
+      ],
+      [`[users.alice]\nkey = "${alice.publicKey}"\n`, 'users."alice".allow', /required/],
+      [
+        `[users.alice]\nkey = "${alice.publicKey}"\nallow = []\nrole = "root"\n`,
+        'users."alice".role',
+        /unknown key \(expected one of: key, allow\)$/,
+      ],
+    ];
+    for (const [table, key, problem] of cases) {
+      const file = await fixture.write("server.toml", base + table);
+      const { code, stderr } = await runScript("server.ts", ["--config", file]);
+      assert.notEqual(code, 0, stderr);
+      const line = errorLine(stderr, "natadm-server");
+      const prefix = `natadm-server: error: ${file}: ${key}: `;
+      assert.ok(line.startsWith(prefix), `expected "${prefix}…", got:\n${line}`);
+      assert.match(line.slice(prefix.length), problem);
+    }
+  } finally {
+    await fixture.cleanup();
+  }
+});
+
+Deno.test("allow rules: * and ? match client names whole, the port is a number or *", async () => {
+  const fixture = await Fixture.create();
+  try {
+    const alice = await fixture.identity("alice");
+    const file = await fixture.write(
+      "server.toml",
+      serverToml({ communicationPort: freePort(), clients: [], services: [] }) +
+        userTable(alice, ["foo bar:22", "web-*:80", "lab-?:*", "a.b:1"]),
+    );
+    const rules = (await loadServerConfig(file)).users.get("alice")!.allow;
+    const cases: [string, number, string | undefined][] = [
+      ["foo bar", 22, "foo bar:22"],
+      ["foo bar", 80, undefined],
+      ["foo barx", 22, undefined],
+      ["web-1", 80, "web-*:80"],
+      ["web-", 80, "web-*:80"],
+      ["web-1", 22, undefined],
+      ["xweb-1", 80, undefined],
+      ["lab-7", 3389, "lab-?:*"],
+      ["lab-77", 22, undefined],
+      ["a.b", 1, "a.b:1"],
+      ["axb", 1, undefined], // a dot is a dot, not any character
+    ];
+    for (const [client, port, rule] of cases) {
+      assert.equal(userRuleFor(rules, client, port)?.text, rule, `${client}:${port}`);
+    }
+  } finally {
+    await fixture.cleanup();
+  }
+});
