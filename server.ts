@@ -56,7 +56,7 @@ if (options.flags.has("print-permissions")) {
 await setupLogging(options.logLevel ?? config.logLevel ?? "info", options.logFormat);
 
 /** The registry in force: from the config file, or from etcd. */
-type Registry = Pick<ServerConfig, "clients" | "clientKeyText" | "services">;
+type Registry = Pick<ServerConfig, "clients" | "clientKeyText" | "services" | "users">;
 /** The config file in force (with registry = "etcd", without clients or services). */
 let fileConfig = config;
 let registry: Registry = config;
@@ -76,6 +76,7 @@ function compose(file: ServerConfig, from: Registry): ServerConfig {
     clients: from.clients,
     clientKeyText: from.clientKeyText,
     services: from.services,
+    users: from.users,
   };
 }
 

@@ -1,7 +1,8 @@
 /**
- * `deno task install [--root DIR] [--force]`: `deno install -g` shims named natadm-server and
- * natadm-client that run this checkout's server.ts and client.ts with only `--allow-net
- * --allow-read`, into DIR/bin (default: Deno's install root, $DENO_INSTALL_ROOT or ~/.deno).
+ * `deno task install [--root DIR] [--force]`: `deno install -g` shims named natadm-server,
+ * natadm-client, natadm-connect and natadm-forward that run this checkout's server.ts,
+ * client.ts, cmd/connect.ts and cmd/forward.ts with only `--allow-net --allow-read`, into
+ * DIR/bin (default: Deno's install root, $DENO_INSTALL_ROOT or ~/.deno).
  * @module
  */
 import { join, resolve } from "node:path";
@@ -12,8 +13,9 @@ const PROGRAM = "natadm-install";
 const HELP = `
 Usage: deno task install [--root DIR] [--force]
 
-Installs two commands with \`deno install -g\`: natadm-server and natadm-client, which run
-this checkout's server.ts and client.ts with --allow-net --allow-read and nothing more.
+Installs four commands with \`deno install -g\`: natadm-server and natadm-client, which run
+this checkout's server.ts and client.ts, and the admin's natadm-connect and natadm-forward
+(cmd/connect.ts, cmd/forward.ts), all with --allow-net --allow-read and nothing more.
 They go to DIR/bin (default: Deno's install root, $DENO_INSTALL_ROOT or ~/.deno). They run
 the files of this directory and \`deno\` from PATH: keep both where they are.
 
@@ -26,6 +28,8 @@ the files of this directory and \`deno\` from PATH: keep both where they are.
 const TARGETS = [
   { name: "natadm-server", script: "server.ts" },
   { name: "natadm-client", script: "client.ts" },
+  { name: "natadm-connect", script: "cmd/connect.ts" },
+  { name: "natadm-forward", script: "cmd/forward.ts" },
 ];
 const PERMISSIONS = ["--allow-net", "--allow-read"];
 

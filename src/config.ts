@@ -74,6 +74,42 @@ export interface ServerConfig {
   /** Client name → its public key as written (base64 SPKI), to tell when a key changes. */
   clientKeyText: Map<string, string>;
   services: ServiceConfig[];
+  /** User name → its key and the clients and ports it may reach (`[users]`). */
+  users: Map<string, UserEntry>;
+  /** Live tunnels of one user at most, over all its connections (max_tunnels_per_user). */
+  maxTunnelsPerUser: number;
+}
+
+/** One rule of a user's `allow` list: a client-name glob and a port (null: any port). */
+export interface UserRule {
+  /** The entry as written, for messages. */
+  text: string;
+  /** The client-name glob (`*` any run of characters, `?` one) as a whole-name pattern. */
+  client: RegExp;
+  port: number | null;
+}
+
+/** One entry of the server's `[users]` table. */
+export interface UserEntry {
+  /** The user's Ed25519 public key. */
+  key: CryptoKey;
+  /** The key as written (base64 SPKI), to tell when it changes. */
+  keyText: string;
+  /** What the user may reach. */
+  allow: UserRule[];
+}
+
+/** A loaded and validated user configuration (`user.toml`, for `connect` and `forward`). */
+export interface UserConfig {
+  file: string;
+  /** Every other file the config names (CA, key), as absolute paths. */
+  readFiles: string[];
+  name: string;
+  remoteHost: string;
+  remotePort: number;
+  caPem: string;
+  key: CryptoKey;
+  logLevel?: LogLevel;
 }
 
 /** The `registry` key and, for etcd, how to reach it. */
@@ -91,21 +127,12 @@ export interface EtcdSettings {
   caPem?: string;
 }
 
-/** One user of the registry: who may reach which clients' services through this cluster. */
-export interface UserConfig {
-  name: string;
-  /** Ed25519 public key as written (base64 SPKI). */
-  key: string;
-  /** Rules as written, "CLIENT-GLOB:PORT" or "CLIENT-GLOB:*". */
-  allow: string[];
-}
-
 /** What a registry holds, validated: from a file's tables or from etcd's keys. */
 export interface RegistryConfig {
   clients: Map<string, CryptoKey>;
   clientKeyText: Map<string, string>;
   services: ServiceConfig[];
-  users: Map<string, UserConfig>;
+  users: Map<string, UserEntry>;
 }
 
 /** A registry as plain data: entry name (a client or user name, a port) → its fields. */
@@ -404,6 +431,8 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "etcd_password",
     "etcd_password_file",
     "etcd_cafile",
+    "max_tunnels_per_user",
+    "users",
     "clients",
     "services",
   ]);
@@ -453,8 +482,8 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
       readFiles.push(resolve(dirname(file), r.string("etcd_password_file")));
     }
   }
-  const { clients, clientKeyText, services } = await parseRegistry(
-    { clients: r.table_("clients"), services: r.table_("services"), users: {} },
+  const { clients, clientKeyText, services, users } = await parseRegistry(
+    { clients: r.table_("clients"), services: r.table_("services"), users: r.table_("users") },
     fileSource(file),
     new Map([[communicationPort, "communication_port"]]),
   );
@@ -491,6 +520,73 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     clients,
     clientKeyText,
     services,
+    users,
+    maxTunnelsPerUser: r.count("max_tunnels_per_user", 64),
+  };
+}
+
+/** Parses one "CLIENT-GLOB:PORT" rule; the last ':' splits, PORT is a number or `*`. */
+function userRule(r: Reader, at: string, rule: unknown): UserRule {
+  const expected = `expected "CLIENT:PORT" (a client-name glob with * and ?, then a port ` +
+    `number or *), got ${describe(rule)}`;
+  if (typeof rule !== "string") r.fail(at, expected);
+  const split = rule.lastIndexOf(":");
+  if (split <= 0) r.fail(at, expected);
+  const glob = rule.slice(0, split);
+  const portText = rule.slice(split + 1);
+  if (checkName(glob)) r.fail(at, expected);
+  let port: number | null = null;
+  if (portText !== "*") {
+    if (!/^[0-9]{1,5}$/.test(portText)) r.fail(at, expected);
+    port = r.port(at, Number(portText));
+  }
+  const pattern = glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")
+    .replace(/\?/g, ".");
+  return { text: rule, client: new RegExp(`^${pattern}$`, "su"), port };
+}
+
+/** The first of `rules` that lets a user reach `client`:`port`, or undefined. */
+export function userRuleFor(rules: UserRule[], client: string, port: number): UserRule | undefined {
+  return rules.find((rule) =>
+    (rule.port === null || rule.port === port) && rule.client.test(client)
+  );
+}
+
+/** Loads, validates and resolves a user config file (`user.toml`). */
+export async function loadUserConfig(file: string): Promise<UserConfig> {
+  file = configPath(file);
+  const r: Reader = new Reader(file, await readToml(file));
+  r.only(["name", "remote", "cafile", "key", "log_level"]);
+  const name = r.string("name");
+  const problem = checkName(name);
+  if (problem) r.fail("name", problem);
+  const [host, port] = r.pair("remote");
+  if (typeof host !== "string" || !isHost(host)) {
+    r.fail("remote", `expected ["host", port] with a host name or IP, got ${describe(host)}`);
+  }
+  const remotePort = r.port("remote[1]", port);
+  const ca = await r.file_("cafile", r.string("cafile"));
+  try {
+    new X509Certificate(ca.text);
+  } catch (err) {
+    r.fail("cafile", `${ca.path} is not a PEM certificate: ${(err as Error).message}`);
+  }
+  const keyFile = await r.file_("key", r.string("key"), true);
+  let key: CryptoKey;
+  try {
+    key = await importPrivateKey(keyFile.text);
+  } catch (err) {
+    r.fail("key", `${keyFile.path} is not an Ed25519 private key: ${(err as Error).message}`);
+  }
+  return {
+    file,
+    readFiles: [ca.path, keyFile.path],
+    name,
+    remoteHost: host,
+    remotePort,
+    caPem: ca.text,
+    key,
+    logLevel: r.logLevel(),
   };
 }
 
@@ -667,7 +763,7 @@ export async function parseRegistry(
     });
   }
 
-  const users = new Map<string, UserConfig>();
+  const users = new Map<string, UserEntry>();
   for (const [name, entry] of Object.entries(raw.users)) {
     const problem = checkName(name);
     if (problem) entryFail("users", name, `user name ${problem}`);
@@ -676,20 +772,13 @@ export async function parseRegistry(
     }
     const u: Reader = reader("users", name, entry);
     u.only(["key", "allow"]);
-    const { text } = await publicKey(u);
-    const allow = entry.allow;
-    if (!Array.isArray(allow) || allow.length === 0) {
-      u.fail(
-        "allow",
-        `expected a list of rules such as "web-*:22" or "db:*", got ` +
-          describe(allow),
-      );
+    const { key, text } = await publicKey(u);
+    const list = entry.allow;
+    if (!Array.isArray(list)) {
+      u.fail("allow", `required, expected a list such as ["foo bar:22", "web-*:80", "lab-?:*"]`);
     }
-    allow.forEach((rule, i) => {
-      const problem = userRuleProblem(rule);
-      if (problem) u.fail(`allow[${i}]`, problem);
-    });
-    users.set(name, { name, key: text, allow: allow as string[] });
+    const allow = list.map((rule, i) => userRule(u, `allow[${i}]`, rule));
+    users.set(name, { key, keyText: text, allow });
   }
   return { clients, clientKeyText, services, users };
 }

@@ -13,6 +13,7 @@ import {
   fromBase64,
   type Hello,
   NONCE_BYTES,
+  type UserHello,
 } from "./protocol.ts";
 import { verify } from "./keys.ts";
 import { AuthPenalty } from "./guard.ts";
@@ -20,9 +21,9 @@ import { log } from "./log.ts";
 
 const logger = log("server");
 
-/** A client that proved its name. */
+/** A client (hello) or a user (user hello) that proved its name. */
 export interface LoggedIn {
-  hello: Hello;
+  hello: Hello | UserHello;
   /** Round trip from challenge to signature, a first estimate of the link's delay. */
   rttMs: number;
 }
@@ -31,6 +32,8 @@ export interface LoggedIn {
 export class Login {
   /** Failed logins so far, for the status page. */
   failures = 0;
+  /** Failed user logins by reason (unknown_user, wrong_key, wrong_server), for the status page. */
+  readonly userFailures = new Map<string, number>();
   #penalty = new AuthPenalty();
   #certificate: { pem: string; x509: X509Certificate } | undefined;
 
@@ -54,18 +57,29 @@ export class Login {
 
   /**
    * Runs the challenge for `hello` (whose frame payload was `helloBytes`). Returns the logged
-   * in client, or null after telling a refused one why. A correct signature is answered at
-   * once; a failure waits out the penalty of its address and name first, while nothing more
-   * is read from it.
+   * in client or user, or null after telling a refused one why. A correct signature is
+   * answered at once; a failure waits out the penalty of its address and name first, while
+   * nothing more is read from it. A client's hello is checked against `[clients]` only, a
+   * user's against `[users]` only.
    */
-  async run(framed: FramedStream, hello: Hello, helloBytes: Uint8Array): Promise<LoggedIn | null> {
+  async run(
+    framed: FramedStream,
+    hello: Hello | UserHello,
+    helloBytes: Uint8Array,
+  ): Promise<LoggedIn | null> {
     const stream = framed.stream;
     const config = this.config();
-    const refuse = async (why: string, reason: string) => {
-      const penaltyKey = `${stream.remoteIp} ${hello.name}`;
+    const isUser = hello.type === "user";
+    const who = isUser ? "user" : "client";
+    // Names hold no control characters: a user and a client of one name never share a key.
+    const penaltyKey = isUser
+      ? `${stream.remoteIp}\0user\0${hello.name}`
+      : `${stream.remoteIp} ${hello.name}`;
+    const refuse = async (why: string, reason: string, kind: string) => {
       this.#penalty.fail(penaltyKey);
       this.failures++;
-      logger.warn(`client from {remote} refused: ${why}`, {
+      if (isUser) this.userFailures.set(kind, (this.userFailures.get(kind) ?? 0) + 1);
+      logger.warn(`${who} from {remote} refused: ${why}`, {
         remote: stream.remote,
         name: hello.name,
         server: hello.server,
@@ -84,15 +98,17 @@ export class Login {
     if (!this.knowsName(hello.server)) {
       return await refuse(
         "it dialled {server}, which is not this server (see server_names)",
-        `this server is not "${hello.server}": a client must dial the server it is configured ` +
+        `this server is not "${hello.server}": a ${who} must dial the server it is configured ` +
           `for (server_names lists the names it answers to)`,
+        "wrong_server",
       );
     }
-    const key = config.clients.get(hello.name);
+    const key = isUser ? config.users.get(hello.name)?.key : config.clients.get(hello.name);
     if (!key) {
       return await refuse(
         "unknown name {name}",
-        `unknown client name "${hello.name}": the server has no [clients] entry for it`,
+        `unknown ${who} name "${hello.name}": the server has no [${who}s] entry for it`,
+        isUser ? "unknown_user" : "unknown_client",
       );
     }
     const nonce = crypto.getRandomValues(new Uint8Array(NONCE_BYTES));
@@ -109,10 +125,12 @@ export class Login {
     if (!await verify(key, signature, authPayload(nonce, helloBytes))) {
       return await refuse(
         "wrong key for {name}",
-        `authentication failed: the key does not match the one configured for "${hello.name}"`,
+        `authentication failed: the key does not match the one configured for ${who} ` +
+          `"${hello.name}"`,
+        "wrong_key",
       );
     }
-    this.#penalty.succeed(`${stream.remoteIp} ${hello.name}`);
+    this.#penalty.succeed(penaltyKey);
     return { hello, rttMs };
   }
 }

@@ -111,6 +111,18 @@ export interface Hello {
   server: string;
 }
 
+/**
+ * User → server, first frame: a user (an admin with `connect` or `forward`) logs in by name;
+ * its key is looked up in the server's `[users]`, never `[clients]`. Signed like a hello,
+ * so the signature covers the type too: a user's login is worthless as a client's.
+ */
+export interface UserHello {
+  type: "user";
+  version: number;
+  name: string;
+  server: string;
+}
+
 /** Server → client: sign this nonce, with the hello as you sent it, with your key. */
 export interface Challenge {
   type: "challenge";
@@ -165,8 +177,25 @@ export interface OpenRequest {
   user: string;
 }
 
+/**
+ * Payload of an OPEN frame from a user: reach port `port` of client `client`, waiting up to
+ * `wait` seconds for it if it is not connected.
+ */
+export interface UserOpen {
+  client: string;
+  port: number;
+  /** Seconds to wait for a client that is not connected (0: refuse at once). */
+  wait: number;
+}
+
+/** Longest a user's open request may wait for its client, in seconds. */
+export const MAX_USER_WAIT_S = 3600;
+
+/** Heartbeat interval of a user's connection, both ways, in seconds. */
+export const USER_INTERVAL_S = 30;
+
 /** Every message of the handshake and control phase. */
-export type Message = Hello | Challenge | Auth | Welcome | Refused | Ping | Goodbye;
+export type Message = Hello | UserHello | Challenge | Auth | Welcome | Refused | Ping | Goodbye;
 
 /** Raised for any frame that breaks the protocol; the message says what was wrong. */
 export class ProtocolError extends Error {
@@ -361,6 +390,12 @@ export function decodeMessage(payload: Uint8Array): Message {
         server: host(o, "server"),
       };
     }
+    case "user": {
+      const version = int(o, "version", 0, 0xffff);
+      if (version !== PROTOCOL_VERSION) throw new VersionError(version);
+      expectKeys(o, type, ["version", "name", "server"]);
+      return { type, version, name: name(o), server: host(o, "server") };
+    }
     case "data":
     case "standby":
       // Version 1's data connections: answered with a refusal that says to upgrade.
@@ -403,6 +438,21 @@ export function decodeOpen(payload: Uint8Array): OpenRequest {
     port: int(o, "port", 1, 65535),
     user: str(o, "user", MAX_NAME_BYTES),
   };
+}
+
+/** Serialises a user's open request into an OPEN frame's payload. */
+export function encodeUserOpen(request: UserOpen): Uint8Array {
+  return encoder.encode(JSON.stringify(request));
+}
+
+/** Parses and strictly validates the payload of an OPEN frame from a user. */
+export function decodeUserOpen(payload: Uint8Array): UserOpen {
+  const o = parseObject(payload, "open request");
+  expectKeys(o, "", ["client", "port", "wait"]);
+  const client = str(o, "client", MAX_NAME_BYTES);
+  const problem = checkName(client);
+  if (problem) fail(`field "client" ${problem}`);
+  return { client, port: int(o, "port", 1, 65535), wait: int(o, "wait", 0, MAX_USER_WAIT_S) };
 }
 
 /** Writes a mux frame header into `out` at `at`. */

@@ -16,6 +16,7 @@ import {
   type Message,
   PROTOCOL_VERSION,
   ProtocolError,
+  type UserHello,
   VersionError,
 } from "./protocol.ts";
 import { Mux } from "./mux.ts";
@@ -24,10 +25,12 @@ import { Login } from "./login.ts";
 import { ServiceListeners } from "./listeners.ts";
 import { Pairing } from "./pairing.ts";
 import { type TunnelInfo, Tunnels } from "./tunnels.ts";
+import { type UserInfo, Users } from "./users.ts";
 import { listenTls, type Stream, type TlsListener } from "./transport.ts";
 import { listenError } from "./listen_error.ts";
 
 export type { TunnelInfo } from "./tunnels.ts";
+export type { UserInfo } from "./users.ts";
 
 const logger = log("server");
 
@@ -61,6 +64,10 @@ export interface ServerSnapshot {
   }[];
   tunnels: TunnelInfo[];
   authFailures: number;
+  /** Every configured user, its connections and live tunnels. */
+  users: UserInfo[];
+  /** Refused user logins and open requests, by reason, since start. */
+  userRefusals: Record<string, number>;
 }
 
 /** A running NATadm server. */
@@ -72,6 +79,7 @@ export class Server {
   readonly #pairing: Pairing;
   readonly #listeners: ServiceListeners;
   readonly #login: Login;
+  readonly #users: Users;
   /** Connections past the TLS handshake whose login is not finished. */
   #unauthenticated = 0;
   /** Connections still logging in, closed with the server. */
@@ -88,6 +96,7 @@ export class Server {
       (user, service) => this.#pairing.arrive(user, service),
     );
     this.#login = new Login(current);
+    this.#users = new Users(current, this.#registry, this.#tunnels);
   }
 
   /** The communication port actually bound. */
@@ -159,6 +168,7 @@ export class Server {
     const { added, removed, changed, failed } = this.#listeners.reconcile(next.services);
     for (const error of failed) logger.error("{error}", { error });
     this.#registry.reload(next, old);
+    this.#users.reload(next, old);
     const summary = "configuration reloaded: {added} services added, {removed} removed, " +
       "{changed} changed";
     if (failed.length === 0) logger.info(summary, { added, removed, changed });
@@ -183,6 +193,7 @@ export class Server {
       session.mux.sendControl({ type: "goodbye", reason: "the server is shutting down" })
         .catch(() => {});
     }
+    this.#users.shutdown();
     const live = this.#tunnels.size;
     if (live > 0) {
       logger.info("shutting down: waiting up to {grace} s for {live} live tunnels", {
@@ -208,6 +219,7 @@ export class Server {
     this.#stopListening();
     for (const session of this.#registry.all()) session.mux.close(new Error("server closed"));
     this.#pairing.close();
+    this.#users.close();
     for (const stream of this.#connecting) stream.close();
   }
 
@@ -248,6 +260,8 @@ export class Server {
       }),
       tunnels: live,
       authFailures: this.#login.failures,
+      users: this.#users.list(live),
+      userRefusals: Object.fromEntries([...this.#login.userFailures, ...this.#users.refusals]),
     };
   }
 
@@ -263,11 +277,13 @@ export class Server {
     this.#unauthenticated++;
     this.#connecting.add(stream);
     const framed = new FramedStream(stream, MAX_LOGIN_FRAME_BYTES);
-    let loggedIn: { hello: Hello; rttMs: number } | null = null;
+    let loggedIn: { hello: Hello | UserHello; rttMs: number } | null = null;
     try {
       const first = await framed.read(AUTH_STEP_TIMEOUT_MS);
       if (first === null) return stream.close();
-      if (first.type !== "hello") throw new Error(`expected "hello" first, got "${first.type}"`);
+      if (first.type !== "hello" && first.type !== "user") {
+        throw new Error(`expected "hello" or "user" first, got "${first.type}"`);
+      }
       loggedIn = await this.#login.run(framed, first, framed.lastPayload);
     } catch (err) {
       if (err instanceof VersionError) {
@@ -288,7 +304,9 @@ export class Server {
       this.#unauthenticated--;
       this.#connecting.delete(stream);
     }
-    if (loggedIn) await this.#serveClient(framed, loggedIn.hello, loggedIn.rttMs);
+    if (loggedIn?.hello.type === "user") {
+      await this.#users.serve(framed, loggedIn.hello, loggedIn.rttMs);
+    } else if (loggedIn) await this.#serveClient(framed, loggedIn.hello, loggedIn.rttMs);
   }
 
   /** Serves a logged-in client connection until it ends. */
@@ -315,6 +333,7 @@ export class Server {
           // The client heard welcome and answered: users may be paired with it now.
           session.ready = true;
           this.#pairing.connected(session);
+          this.#users.clientReady(session);
         }
         if (message.type === "ping") return;
         if (message.type === "goodbye" && session) {

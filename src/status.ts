@@ -85,8 +85,10 @@ export interface ServiceStatus {
 export interface TunnelStatus {
   /** Sequence number, unique for the server's lifetime. */
   id: number;
-  /** Public port of its service. */
+  /** Public port of its service; 0 for a tunnel a named user opened. */
   service: number;
+  /** Who opened it: the user's name (connect, forward), or its address (a service port). */
+  by: string;
   /** The client serving it. */
   client: string;
   /** The user's address. */
@@ -97,6 +99,28 @@ export interface TunnelStatus {
   bytes_up: number;
   /** Bytes relayed down so far. */
   bytes_down: number;
+}
+
+/** A named user's live tunnel in `/status.json`; up is user → client, down the reverse. */
+export interface UserTunnelStatus {
+  client: string;
+  /** The port on the client's side. */
+  port: number;
+  /** When it opened (ISO 8601). */
+  since: string;
+  bytes_up: number;
+  bytes_down: number;
+}
+
+/** One configured user (`[users]`) in `/status.json`. */
+export interface UserStatus {
+  name: string;
+  /** Whether it has a logged-in connection now. */
+  connected: boolean;
+  /** Its logged-in connections: address and since when (ISO 8601). */
+  connections: { remote: string; since: string }[];
+  /** Its live tunnels. */
+  tunnels: UserTunnelStatus[];
 }
 
 /** The document served at `/status.json`. */
@@ -117,6 +141,10 @@ export interface StatusDocument {
   services: ServiceStatus[];
   /** Every live tunnel. */
   tunnels: TunnelStatus[];
+  /** Every configured user. */
+  users: UserStatus[];
+  /** Refused user logins and tunnel requests since start, by reason. */
+  user_refusals: Record<string, number>;
   /** Where clients and services come from (file or etcd), and whether it is reachable. */
   registry: RegistryStatus | null;
 }
@@ -167,6 +195,7 @@ export function statusDocument(snap: StatusSnapshot, now = Date.now()): StatusDo
     tunnels: snap.tunnels.map((t) => ({
       id: t.id,
       service: t.service,
+      by: t.by,
       client: t.client,
       user: t.user,
       started: new Date(t.started).toISOString(),
@@ -182,6 +211,22 @@ export function statusDocument(snap: StatusSnapshot, now = Date.now()): StatusDo
         error: snap.registry.error ?? null,
       }
       : null,
+    users: snap.users.map((u) => ({
+      name: u.name,
+      connected: u.connections.length > 0,
+      connections: u.connections.map((c) => ({
+        remote: c.remote,
+        since: new Date(c.connectedSince).toISOString(),
+      })),
+      tunnels: u.tunnels.map((t) => ({
+        client: t.client,
+        port: t.port ?? 0,
+        since: new Date(t.started).toISOString(),
+        bytes_up: t.bytesUp,
+        bytes_down: t.bytesDown,
+      })),
+    })),
+    user_refusals: { ...snap.userRefusals },
   };
 }
 
@@ -283,6 +328,24 @@ export function metricsText(snap: ServerSnapshot, now = Date.now()): string {
     "gauge",
     "Users waiting on a service port for their client.",
     snap.services.map((s) => [svc(s), s.waitingUsers]),
+  );
+  m.family(
+    "natadm_user_connected",
+    "gauge",
+    "Logged-in connections of each configured user ([users]).",
+    snap.users.map((u) => [{ user: u.name }, u.connections.length]),
+  );
+  m.family(
+    "natadm_user_tunnels_active",
+    "gauge",
+    "Live tunnels each named user opened (connect, forward).",
+    snap.users.map((u) => [{ user: u.name }, u.tunnels.length]),
+  );
+  m.family(
+    "natadm_user_refusals_total",
+    "counter",
+    "User logins and tunnel requests refused, by reason.",
+    Object.entries(snap.userRefusals).map(([reason, n]) => [{ reason }, n]),
   );
   return m.text();
 }
@@ -562,6 +625,7 @@ code { font: 13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
   <h2>Clients</h2><div id="clients"></div>
   <h2>Services</h2><div id="services"></div>
   <h2>Live tunnels</h2><div id="tunnels"></div>
+  <h2>Users</h2><div id="users"></div>
 </main>
 <script>
 "use strict";
@@ -642,13 +706,30 @@ function render(s) {
   $("tunnels").innerHTML = table(
     ["#", "User", "Service", "Client", "Open for", "Up", "Down"],
     s.tunnels.map((t) => [
-      esc(t.id), "<code>" + esc(t.user) + "</code>", "<code>" + esc(t.service) + "</code>",
+      esc(t.id),
+      t.by === t.user ? "<code>" + esc(t.user) + "</code>"
+        : "<b>" + esc(t.by) + "</b> <code>" + esc(t.user) + "</code>",
+      "<code>" + esc(t.service || "by name") + "</code>",
       esc(t.client), ago(t.started, s.now, ""),
       '<span title="' + esc(t.bytes_up) + ' bytes">' + esc(bytes(t.bytes_up)) + "</span>",
       '<span title="' + esc(t.bytes_down) + ' bytes">' + esc(bytes(t.bytes_down)) + "</span>",
     ]),
     "No live tunnels.",
   );
+  const refusals = Object.entries(s.user_refusals).map(([k, n]) => esc(k) + " " + esc(n));
+  $("users").innerHTML = table(
+    ["User", "State", "Connections", "Live tunnels"],
+    s.users.map((u) => [
+      "<b>" + esc(u.name) + "</b>",
+      u.connected ? '<span class="on"><i class="dot"></i>connected</span>'
+        : '<span class="off"><i class="dot"></i>offline</span>',
+      u.connections.map((c) => "<code>" + esc(c.remote) + "</code> " + ago(c.since, s.now))
+        .join("<br>") || "—",
+      u.tunnels.map((t) => esc(t.client) + ":" + esc(t.port) + " " + ago(t.since, s.now, "") +
+        " ↑" + esc(bytes(t.bytes_up)) + " ↓" + esc(bytes(t.bytes_down))).join("<br>") || "—",
+    ]),
+    "No users configured.",
+  ) + (refusals.length ? '<p class="muted">Refused: ' + refusals.join(", ") + "</p>" : "");
 }
 async function refresh() {
   const state = $("state");

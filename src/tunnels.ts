@@ -16,11 +16,15 @@ const logger = log("server");
 export interface TunnelInfo {
   /** Sequence number, unique for the server's lifetime. */
   id: number;
-  /** Public port of the service. */
+  /** Public port of the service; 0 for a tunnel a named user opened. */
   service: number;
   client: string;
   /** The user's address. */
   user: string;
+  /** Who opened it: the user's name (connect, forward), or its address (a service port). */
+  by: string;
+  /** The port on the client's side, for a tunnel a named user opened. */
+  port?: number;
   /** Unix time in ms when the tunnel opened. */
   started: number;
   /** Bytes from the user to the client's service so far. */
@@ -82,6 +86,7 @@ export class Tunnels {
       service: service.port,
       client: service.name,
       user: user.remote,
+      by: user.remote,
       started: Date.now(),
       bytesUp: 0,
       bytesDown: 0,
@@ -93,6 +98,7 @@ export class Tunnels {
     const relayed = relay(user, stream);
     logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
       user: user.remote,
+      by: user.remote,
       port: service.port,
       client: service.name,
       target: `${service.host}:${service.targetPort}`,
@@ -122,6 +128,7 @@ export class Tunnels {
         (result.error ? " (cut short: {error})" : ""),
       {
         user: user.remote,
+        by: user.remote,
         port: service.port,
         client: service.name,
         up: result.sent,
@@ -132,6 +139,93 @@ export class Tunnels {
     );
     if (this.#live.size === 0) this.#onDrained?.();
     return result;
+  }
+
+  /** Why a named user's new tunnel to client `name` must be refused, or null if it may open. */
+  userRefusal(name: string): string | null {
+    const { maxTunnelsPerClient } = this.#config();
+    const live = this.#byClient.get(name) ?? 0;
+    if (live >= maxTunnelsPerClient) {
+      return `client "${name}" has ${live} live tunnels (max_tunnels_per_client)`;
+    }
+    return null;
+  }
+
+  /**
+   * Opens a stream on `session` to `localhost:port` for user `by` (a name that logged in) and
+   * relays it with the user's own stream until both ends are done. A reset from the client,
+   * or any other cut, reaches the user as a reset with the reason. Resolves with whether the
+   * client refused the port.
+   */
+  async runUser(
+    by: string,
+    userStream: MuxStream,
+    session: Session,
+    port: number,
+  ): Promise<boolean> {
+    const stream = session.mux.open(encodeOpen({ host: "localhost", port, user: by }));
+    const started = performance.now();
+    const info: TunnelInfo = {
+      id: ++this.#seq,
+      service: 0,
+      client: session.name,
+      user: userStream.remote,
+      by,
+      port,
+      started: Date.now(),
+      bytesUp: 0,
+      bytesDown: 0,
+    };
+    this.#live.set(info, stream);
+    bump(this.#byClient, session.name, 1);
+    // The user's stream as the relay's local end, except that closing it is left to us: a
+    // reset then carries the client's reason instead of a bare "closed".
+    const local: Stream = {
+      remote: userStream.remote,
+      remoteIp: userStream.remoteIp,
+      read: (p) => userStream.read(p),
+      write: (bytes) => userStream.write(bytes),
+      closeWrite: () => userStream.closeWrite(),
+      close: () => {},
+      isClosed: () => userStream.isClosed(),
+    };
+    const relayed = relay(local, stream);
+    const fields = { by, user: userStream.remote, client: session.name, port };
+    logger.info("tunnel open: user {by} ({user}) → client {client} port {port}", fields);
+    const result = await relayed;
+    this.#live.delete(info);
+    bump(this.#byClient, session.name, -1);
+    // Reset by the client before a byte came back (not cut by the user or a lost connection):
+    // it could not, or would not, connect.
+    const refused = result.error !== undefined && result.received === 0 &&
+      !session.mux.closed && !userStream.isClosed();
+    if (result.error) {
+      userStream.reset(
+        refused
+          ? `client "${session.name}" refused port ${port}: ${result.error.message}`
+          : result.error.message,
+      );
+    } else userStream.close();
+    if (refused) {
+      logger.warn(
+        "user {by} ({user}) → client {client} port {port} refused by the client: " +
+          "{reason}",
+        { ...fields, reason: result.error!.message },
+      );
+    }
+    logger.info(
+      "tunnel closed: user {by} ({user}) → client {client} port {port}; {up} bytes up, " +
+        "{down} bytes down, {ms} ms" + (result.error ? " (cut short: {error})" : ""),
+      {
+        ...fields,
+        up: result.sent,
+        down: result.received,
+        ms: Math.round(performance.now() - started),
+        error: result.error?.message,
+      },
+    );
+    if (this.#live.size === 0) this.#onDrained?.();
+    return refused;
   }
 
   /** The counters of service `port`, created on first use. */

@@ -524,6 +524,56 @@ export async function connectRefused(port: number): Promise<boolean> {
   }
 }
 
+/**
+ * Starts sshd on 127.0.0.1:`port` with its own host key and authorized_keys in `dir` (the
+ * user's key is `dir`/user_ed25519), stopped with `scope`.
+ */
+export async function startSshd(scope: Scope, dir: string, port: number): Promise<Process> {
+  // sshd wants its privilege-separation directory; as non-root it may already exist.
+  await Deno.mkdir("/run/sshd", { recursive: true }).catch(() => {});
+  await sh(findExecutable("ssh-keygen")!, [
+    "-q",
+    "-t",
+    "ed25519",
+    "-N",
+    "",
+    "-f",
+    join(dir, "host_ed25519"),
+  ]);
+  await sh(findExecutable("ssh-keygen")!, [
+    "-q",
+    "-t",
+    "ed25519",
+    "-N",
+    "",
+    "-f",
+    join(dir, "user_ed25519"),
+  ]);
+  await Deno.copyFile(join(dir, "user_ed25519.pub"), join(dir, "authorized_keys"));
+  const config = join(dir, "sshd_config");
+  await Deno.writeTextFile(
+    config,
+    [
+      `Port ${port}`,
+      "ListenAddress 127.0.0.1",
+      `HostKey ${join(dir, "host_ed25519")}`,
+      `AuthorizedKeysFile ${join(dir, "authorized_keys")}`,
+      "PidFile none",
+      "UsePAM no",
+      "StrictModes no",
+      "PermitRootLogin yes",
+      "PubkeyAuthentication yes",
+      "PasswordAuthentication no",
+      "KbdInteractiveAuthentication no",
+      "LogLevel VERBOSE",
+      "",
+    ].join("\n"),
+  );
+  const daemon = scope.track(new Process(findExecutable("sshd")!, ["-D", "-e", "-f", config]));
+  await daemon.waitFor(new RegExp(`Server listening on 127\\.0\\.0\\.1 port ${port}`));
+  return daemon;
+}
+
 /** Runs an external command to completion; throws with its stderr if it fails. */
 export async function sh(command: string, args: string[], cwd?: string): Promise<string> {
   const out = await new Deno.Command(command, { args, cwd, stdout: "piped", stderr: "piped" })

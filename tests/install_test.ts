@@ -64,7 +64,7 @@ class Spawned {
   }
 }
 
-Deno.test("deno task install puts natadm-server and natadm-client shims in --root", async () => {
+Deno.test("deno task install puts the server, client, connect and forward shims in --root", async () => {
   const dir = await Deno.makeTempDir({ prefix: "natadm-install-" });
   try {
     const install = (extra: string[] = []) =>
@@ -77,7 +77,7 @@ Deno.test("deno task install puts natadm-server and natadm-client shims in --roo
       }).output();
     const first = await install();
     assert.equal(first.code, 0, decode(first.stderr));
-    for (const name of ["natadm-server", "natadm-client"]) {
+    for (const name of ["natadm-server", "natadm-client", "natadm-connect", "natadm-forward"]) {
       const shim = join(dir, "bin", name);
       assert.match(
         decode(first.stdout),

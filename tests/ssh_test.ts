@@ -10,50 +10,16 @@ import {
   findExecutable,
   Fixture,
   freePort,
-  Process,
   Scope,
   serverToml,
   sh,
+  startSshd,
 } from "./helpers.ts";
 
-const sshd = findExecutable("sshd");
 const ssh = findExecutable("ssh");
-const sshKeygen = findExecutable("ssh-keygen");
-const missing = [["sshd", sshd], ["ssh", ssh], ["ssh-keygen", sshKeygen]]
-  .filter(([, path]) => !path).map(([name]) => name);
+const missing = ["sshd", "ssh", "ssh-keygen"].filter((name) => !findExecutable(name));
 if (missing.length) {
   console.log(`ssh test skipped: ${missing.join(", ")} not installed (openssh-server/-client)`);
-}
-
-/** Starts sshd on 127.0.0.1:`port` with its own host key and authorized_keys in `dir`. */
-async function startSshd(scope: Scope, dir: string, port: number): Promise<Process> {
-  // sshd wants its privilege-separation directory; as non-root it may already exist.
-  await Deno.mkdir("/run/sshd", { recursive: true }).catch(() => {});
-  await sh(sshKeygen!, ["-q", "-t", "ed25519", "-N", "", "-f", join(dir, "host_ed25519")]);
-  await sh(sshKeygen!, ["-q", "-t", "ed25519", "-N", "", "-f", join(dir, "user_ed25519")]);
-  await Deno.copyFile(join(dir, "user_ed25519.pub"), join(dir, "authorized_keys"));
-  const config = join(dir, "sshd_config");
-  await Deno.writeTextFile(
-    config,
-    [
-      `Port ${port}`,
-      "ListenAddress 127.0.0.1",
-      `HostKey ${join(dir, "host_ed25519")}`,
-      `AuthorizedKeysFile ${join(dir, "authorized_keys")}`,
-      "PidFile none",
-      "UsePAM no",
-      "StrictModes no",
-      "PermitRootLogin yes",
-      "PubkeyAuthentication yes",
-      "PasswordAuthentication no",
-      "KbdInteractiveAuthentication no",
-      "LogLevel VERBOSE",
-      "",
-    ].join("\n"),
-  );
-  const daemon = scope.track(new Process(sshd!, ["-D", "-e", "-f", config]));
-  await daemon.waitFor(new RegExp(`Server listening on 127\\.0\\.0\\.1 port ${port}`));
-  return daemon;
 }
 
 Deno.test({
