@@ -1,6 +1,6 @@
 /**
  * The status server: a JSON document, Prometheus metrics and a self-refreshing HTML dashboard,
- * all built from {@link Server.snapshot}, on their own (by default loopback-only) port.
+ * all built from the server's snapshot, on their own (by default loopback-only) port.
  *
  * With a token configured, every request must carry `Authorization: Bearer TOKEN`. The one
  * exception is the dashboard page `/`, which also accepts `?token=TOKEN` in its URL, because a
@@ -11,7 +11,7 @@
  * @module
  */
 import { timingSafeEqual } from "node:crypto";
-import type { Server, ServerSnapshot } from "./server.ts";
+import type { ServerSnapshot } from "./server.ts";
 import { listenError } from "./listen_error.ts";
 import { log } from "./log.ts";
 import { ACCEPT_BACKOFF_MAX_MS, ACCEPT_BACKOFF_MIN_MS } from "./accept.ts";

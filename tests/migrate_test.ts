@@ -345,11 +345,11 @@ Deno.test("a dropped key of 200,000 lines, or 50,000 dropped keys, become commen
   // Both once ended in a RangeError: more lines than a call can take as spread arguments.
   const client = "name = 'x'\nremote = ('example.com', 1)\ncafile = 'ca.pem'\n";
   const variants: [name: string, extra: string, commented: RegExp, count: number][] = [
-    ["long_key.conf", `long = [${"1,\n".repeat(200_000)}]\n`, /^#   (long = \[)?1,$/, 200_000],
+    ["long_key.conf", `long = [${"1,\n".repeat(200_000)}]\n`, /^# {3}(long = \[)?1,$/, 200_000],
     [
       "many_keys.conf",
       Array.from({ length: 50_000 }, (_, i) => `k${i} = ${i}\n`).join(""),
-      /^#   k\d+ = \d+$/,
+      /^# {3}k\d+ = \d+$/,
       50_000,
     ],
   ];
