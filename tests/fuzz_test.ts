@@ -384,6 +384,7 @@ const MAX_PAYLOAD: Record<number, number> = {
   [FrameType.WINDOW]: 4,
   [FrameType.FIN]: 0,
   [FrameType.RESET]: MAX_REASON_BYTES,
+  [FrameType.BLOCKED]: 0,
 };
 
 /** A valid mux frame for stream `id` (or stream 0 for a control frame). */

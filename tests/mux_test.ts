@@ -153,7 +153,8 @@ Deno.test("FrameParser: each malformed header throws ProtocolError as soon as it
     return out;
   };
   const cases: [Uint8Array, RegExp][] = [
-    [header(6, 1, 1), /unknown mux frame type 6/],
+    [header(7, 1, 1), /unknown mux frame type 7/],
+    [header(FrameType.BLOCKED, 1, 1), /exceeds 0/],
     [header(255, 0, 0), /unknown mux frame type 255/],
     [header(FrameType.CONTROL, 0, MAX_FRAME_BYTES + 1), /exceeds/],
     [header(FrameType.OPEN, 1, MAX_OPEN_BYTES + 1), /exceeds/],

@@ -11,9 +11,11 @@ import {
   authPayload,
   encodeMessage,
   FramedStream,
+  FrameType,
   fromBase64,
   type Hello,
   type Message,
+  muxFrame,
   PROTOCOL_VERSION,
 } from "../src/protocol.ts";
 import { ConnStream } from "../src/transport.ts";
@@ -107,6 +109,8 @@ export async function login(
     await dialed.framed.send({ type: "auth", signature: signature.toBase64() });
     const welcome = await dialed.framed.read(AUTH_STEP_TIMEOUT_MS);
     if (welcome?.type !== "welcome") throw new Error(`got ${JSON.stringify(welcome)}`);
+    // As the real client does: a first ping says we heard welcome, and users may be paired.
+    await dialed.stream.write(muxFrame(FrameType.CONTROL, 0, encodeMessage({ type: "ping" })));
     return { ...dialed, welcome };
   } catch (err) {
     dialed.stream.close();
