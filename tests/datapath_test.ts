@@ -6,13 +6,20 @@
  */
 import assert from "node:assert/strict";
 import {
+  clientToml,
   connectUser,
   DEADLINE_MS,
   echoSetup,
+  findExecutable,
   firstDifference,
+  Fixture,
+  freePort,
+  Process,
   randomBytes,
   readExactly,
   Scope,
+  serverToml,
+  startEcho,
   writeAll,
 } from "./helpers.ts";
 
@@ -54,57 +61,82 @@ Deno.test("a burst of 1,000 users at a connected client is served, every byte ex
   }
 });
 
-Deno.test("a bulk tunnel does not starve another tunnel of the same client (p99 round trip < 50 ms)", async () => {
-  const env = await echoSetup();
-  const scope = new Scope();
-  try {
-    await scope.server(env.serverConfig);
-    await scope.client(env.clientConfig);
-    const bulk = scope.closing(await connectUser(env.servicePort));
-    const interactive = scope.closing(await connectUser(env.servicePort));
-    const one = new Uint8Array([42]);
-    // Warm the interactive tunnel up before the load starts.
-    await writeAll(interactive, one);
-    await readExactly(interactive, 1);
+const IPERF3 = findExecutable("iperf3");
 
-    let running = true;
-    const chunk = randomBytes(256 * 1024);
-    let moved = 0;
-    const writer = (async () => {
-      while (running) await writeAll(bulk, chunk);
-    })().catch(() => {});
-    const reader = (async () => {
-      const buf = new Uint8Array(256 * 1024);
-      while (running) {
-        const n = await bulk.read(buf);
-        if (n === null) break;
-        moved += n;
-      }
-    })().catch(() => {});
-    // Measure only once the bulk transfer is in full flow.
-    const flowing = Date.now() + DEADLINE_MS;
-    while (moved < 64 * 1024 * 1024 && Date.now() < flowing) {
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
-    assert.ok(moved >= 64 * 1024 * 1024, `the bulk transfer moved only ${moved} bytes`);
-
-    const samples: number[] = [];
-    for (let i = 0; i < 300; i++) {
-      const started = performance.now();
-      await writeAll(interactive, one);
+Deno.test({
+  name:
+    "a bulk tunnel does not starve another tunnel of the same client (p99 round trip < 50 ms), either way",
+  ignore: !IPERF3,
+  fn: async () => {
+    // The bulk transfer runs between iperf3 processes, so this process only echoes and times
+    // the interactive tunnel: what is measured is NATadm's queueing, not this test's own.
+    const fixture = await Fixture.create();
+    const scope = new Scope();
+    try {
+      const identity = await fixture.identity("foo bar");
+      const echo = startEcho();
+      scope.defer(echo.close);
+      const iperfPort = freePort();
+      const communicationPort = freePort();
+      const [echoService, bulkService] = [freePort(), freePort()];
+      const iperf = scope.track(
+        new Process(IPERF3!, ["-s", "-B", "127.0.0.1", "-p", String(iperfPort), "--forceflush"]),
+      );
+      await iperf.waitForStdout(/Server listening/);
+      await scope.server(
+        await fixture.write(
+          "server.toml",
+          serverToml({
+            communicationPort,
+            clients: [identity],
+            services: [
+              { port: echoService, name: identity.name, targetPort: echo.port },
+              { port: bulkService, name: identity.name, targetPort: iperfPort },
+            ],
+          }),
+        ),
+      );
+      await scope.client(
+        await fixture.write("client.toml", clientToml({ identity, communicationPort })),
+      );
+      const interactive = scope.closing(await connectUser(echoService));
+      const one = new Uint8Array([42]);
+      await writeAll(interactive, one); // the tunnel is open before the load starts
       await readExactly(interactive, 1);
-      samples.push(performance.now() - started);
+      for (const reverse of [false, true]) {
+        const bulk = scope.track(
+          new Process(IPERF3!, [
+            "-c",
+            "127.0.0.1",
+            "-p",
+            String(bulkService),
+            "-t",
+            "30",
+            "-i",
+            "0.5",
+            "--forceflush",
+            ...(reverse ? ["-R"] : []),
+          ]),
+        );
+        // Measure once the transfer reports its first full interval.
+        await bulk.waitForStdout(/0\.00-0\.50 .*[MG]Bytes/);
+        const samples: number[] = [];
+        for (let i = 0; i < 300; i++) {
+          const started = performance.now();
+          await writeAll(interactive, one);
+          await readExactly(interactive, 1);
+          samples.push(performance.now() - started);
+        }
+        assert.ok(!bulk.exited, "the bulk transfer ended while we measured");
+        await bulk.stop();
+        samples.sort((a, b) => a - b);
+        const p99 = samples[Math.floor(samples.length * 0.99)];
+        const way = reverse ? "service → user" : "user → service";
+        assert.ok(p99 < 50, `interactive p99 ${p99.toFixed(1)} ms during bulk ${way}`);
+      }
+    } finally {
+      await scope.close();
+      await fixture.cleanup();
     }
-    const during = moved;
-    running = false;
-    bulk.close();
-    await Promise.all([writer, reader]);
-    samples.sort((a, b) => a - b);
-    const p99 = samples[Math.floor(samples.length * 0.99)];
-    assert.ok(during > 64 * 1024 * 1024, "the bulk transfer stalled while we measured");
-    assert.ok(p99 < 50, `interactive p99 ${p99.toFixed(1)} ms during a bulk transfer`);
-  } finally {
-    await scope.close();
-    await env.cleanup();
-  }
+  },
 });
