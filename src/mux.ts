@@ -40,6 +40,12 @@ const MAX_CONTROL_QUEUE_BYTES = 1024 * 1024;
  */
 const GROW_DRAIN_MS = 5;
 
+/** A window grows only while its stream's bytes wait in the path at most this long. */
+const GROW_QUEUE_MS = 2;
+
+/** A window shrinks once its stream's bytes wait in the path longer than this. */
+const SHRINK_QUEUE_MS = 8;
+
 /**
  * A receive window grows only once its stream has delivered this much: a user who never reads
  * stalls before (the kernel's socket buffers take less), so its stream keeps the initial window.
@@ -146,6 +152,15 @@ export class MuxStream implements Stream {
   #unacked = 0;
   /** When the peer last said it was blocked, if that is not settled yet. */
   #blockedAt: number | undefined;
+  /** The peer was blocked when we last granted credit, and this is when we did. */
+  #grantedBlockedAt: number | undefined;
+  /**
+   * How long the peer's first bytes took to arrive after a grant it was waiting for: a round
+   * trip plus whatever waits in the path ahead of them (other bytes of the connection).
+   */
+  #pathDelay = 0;
+  /** Credit still to be withheld from grants after the window shrank. */
+  #debt = 0;
   /** Bytes consumed over the stream's life. */
   #delivered = 0;
   #sink: Stream | undefined;
@@ -245,6 +260,10 @@ export class MuxStream implements Stream {
     }
     this.#available -= payload.length;
     this.result.received += payload.length;
+    if (this.#grantedBlockedAt !== undefined) {
+      this.#pathDelay = performance.now() - this.#grantedBlockedAt;
+      this.#grantedBlockedAt = undefined;
+    }
     if (this.#finished) return; // reset here already; the peer will hear of it
     this.#in.push(payload);
     this.#inBytes += payload.length;
@@ -351,32 +370,46 @@ export class MuxStream implements Stream {
   }
 
   /**
-   * `n` received bytes have left our hands: grant them back once half a window is due. If the
-   * peer said it was blocked and everything it sent is delivered soon after, the window is
-   * what limits this stream: double it (within {@link MAX_WINDOW} and the budget) at once.
+   * `n` received bytes have left our hands: grant them back once half a window is due.
+   *
+   * The window adapts to the path. When the peer says it was blocked and everything it sent
+   * was delivered at once, the window may be what holds it back: it doubles (within
+   * {@link MAX_WINDOW} and the budget) if the bytes that followed our last grant came within a
+   * round trip plus {@link GROW_QUEUE_MS}, that is, if little of this connection waits in the
+   * path. If they took much longer, the path itself is full (the window only queues bytes
+   * ahead of other streams' bytes), and the window halves again.
    */
   #consumed(n: number): void {
     this.#unacked += n;
     this.#delivered += n;
     if (this.#finished || this.#remoteEnded) return;
     let grow = 0;
-    if (this.#blockedAt !== undefined && this.#in.length === 0) {
-      const quick = performance.now() - this.#blockedAt <
+    const blocked = this.#blockedAt !== undefined;
+    if (blocked && this.#in.length === 0) {
+      const quick = performance.now() - this.#blockedAt! <
         Math.max(GROW_DRAIN_MS, this.#mux.rttMs);
       this.#blockedAt = undefined;
-      if (
-        quick && this.#delivered >= GROW_AFTER_BYTES && this.#window < MAX_WINDOW &&
-        this.#mux.budget.take(this.#window)
+      const queued = this.#pathDelay - this.#mux.rttMs;
+      if (queued > SHRINK_QUEUE_MS && this.#window > INITIAL_WINDOW) {
+        this.#window /= 2;
+        this.#debt += this.#window;
+        this.#mux.budget.release(this.#window);
+      } else if (
+        quick && queued <= GROW_QUEUE_MS && this.#delivered >= GROW_AFTER_BYTES &&
+        this.#window < MAX_WINDOW && this.#mux.budget.take(this.#window)
       ) {
         grow = this.#window;
         this.#window *= 2;
       }
     }
     if (grow === 0 && this.#unacked < this.#window / 2) return;
-    const grant = this.#unacked + grow;
-    if (grant === 0) return;
+    const repaid = Math.min(this.#debt, this.#unacked);
+    this.#debt -= repaid;
+    const grant = this.#unacked - repaid + grow;
     this.#unacked = 0;
+    if (grant === 0) return;
     this.#available += grant;
+    if (blocked) this.#grantedBlockedAt = performance.now();
     const frame = new Uint8Array(MUX_HEADER_BYTES + 4);
     writeHeader(frame, 0, FrameType.WINDOW, this.id, 4);
     new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, grant);
