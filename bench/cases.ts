@@ -21,8 +21,10 @@ export interface Params {
   quick: boolean;
   /** Seconds per throughput run. */
   throughputSeconds: number;
-  /** Fresh connections for first-byte latency, per system. */
+  /** Fresh connections for first-byte latency, per system (and through NATadm's `forward`). */
   firstByte: number;
+  /** `connect` processes spawned one after another, each timed to its first echoed byte. */
+  connectSpawns: number;
   /** Round trips for interactive latency, per system. */
   roundTrips: number;
   /** Seconds of the connection-rate run, per system. */
@@ -53,6 +55,7 @@ export const FULL: Omit<Params, "builtin"> = {
   quick: false,
   throughputSeconds: 5,
   firstByte: 500,
+  connectSpawns: 100,
   roundTrips: 5000,
   rateSeconds: 5,
   rateWorkers: 32,
@@ -70,6 +73,7 @@ export const QUICK: Omit<Params, "builtin"> = {
   quick: true,
   throughputSeconds: 1,
   firstByte: 50,
+  connectSpawns: 20,
   roundTrips: 500,
   rateSeconds: 1,
   rateWorkers: 32,
@@ -196,6 +200,7 @@ export async function warmUp(ctx: Context): Promise<void> {
   const conns = ctx.params.quick ? 20 : 100;
   await forEach(ctx, 0, "warm-up", async (sys) => {
     for (let i = 0; i < conns; i++) await firstByte(sys.front.echo);
+    if (sys.forwardEcho) { for (let i = 0; i < conns; i++) await firstByte(sys.forwardEcho); }
     const conn = await connect(sys.front.echo);
     try {
       await pingPong(conn, conns * 5);
@@ -381,27 +386,62 @@ export function latencyStats(
   };
 }
 
-/** Case 2: p50/p90/p99 of connect + 1-byte echo over fresh connections. */
+/**
+ * Takes up to `n` first-byte samples through `port` into `list`, counting failures in
+ * `failures`; throws once more than a tenth of `n` failed.
+ */
+async function sampleFirstBytes(
+  port: number,
+  n: number,
+  list: number[],
+  failures: { count: number },
+): Promise<void> {
+  let failed = 0;
+  for (let i = 0; i < n; i++) {
+    try {
+      list.push(await firstByte(port));
+    } catch (err) {
+      failures.count++;
+      if (++failed > n / 10) {
+        throw new Error(`${failed} failed connections, the last: ${(err as Error).message}`);
+      }
+    }
+  }
+}
+
+/**
+ * Case 2: p50/p90/p99 of connect + 1-byte echo over fresh connections; for NATadm also through
+ * a user's `forward`, in the same rounds (which path goes first alternates by round).
+ */
 export async function firstByteLatency(ctx: Context): Promise<void> {
   const { firstByte: total, rounds } = ctx.params;
   ctx.log(`[2/6] first-byte latency, ${total} fresh connections per system`);
   const samples = new Map<SysId, number[]>();
-  const failures = new Map<SysId, number>();
+  const failures = new Map<SysId, { count: number }>();
+  const forwarded: number[] = [];
+  const forwardFailures = { count: 0 };
   const perRound = Math.ceil(total / rounds);
   for (let round = 0; round < rounds; round++) {
     await forEach(ctx, round, "first-byte latency", async (sys) => {
       const list = samples.get(sys.id) ?? [];
       samples.set(sys.id, list);
-      let failed = 0;
-      for (let i = 0; i < perRound && list.length < total; i++) {
-        try {
-          list.push(await firstByte(sys.front.echo));
-        } catch (err) {
-          failures.set(sys.id, (failures.get(sys.id) ?? 0) + 1);
-          if (++failed > perRound / 10) {
-            throw new Error(`${failed} failed connections, the last: ${(err as Error).message}`);
-          }
-        }
+      const failed = failures.get(sys.id) ?? { count: 0 };
+      failures.set(sys.id, failed);
+      const viaPublic = () =>
+        sampleFirstBytes(sys.front.echo, Math.min(perRound, total - list.length), list, failed);
+      const viaForward = async () => {
+        if (!sys.forwardEcho) return;
+        const n = Math.min(perRound, total - forwarded.length);
+        await sampleFirstBytes(sys.forwardEcho, n, forwarded, forwardFailures).catch((err) => {
+          throw new Error(`through forward: ${(err as Error).message}`);
+        });
+      };
+      if (round % 2 === 0) {
+        await viaPublic();
+        await viaForward();
+      } else {
+        await viaForward();
+        await viaPublic();
       }
     });
   }
@@ -410,13 +450,119 @@ export async function firstByteLatency(ctx: Context): Promise<void> {
     ctx.rec.set("fb_p50", id, s.p50);
     ctx.rec.set("fb_p90", id, s.p90);
     ctx.rec.set("fb_p99", id, s.p99);
-    ctx.rec.detail("first_byte", id, { ...s, failures: failures.get(id) ?? 0 });
+    ctx.rec.detail("first_byte", id, { ...s, failures: failures.get(id)?.count ?? 0 });
     ctx.log(
       `  ${id.padEnd(8)} p50 ${fmt(s.p50)} ms  p90 ${fmt(s.p90)} ms  p99 ${
         fmt(s.p99)
       } ms  (n=${s.n})`,
     );
   }
+  if (forwarded.length > 0) {
+    const s = latencyStats(forwarded);
+    ctx.rec.set("fwd_fb_p50", "natadm", s.p50);
+    ctx.rec.set("fwd_fb_p90", "natadm", s.p90);
+    ctx.rec.set("fwd_fb_p99", "natadm", s.p99);
+    ctx.rec.detail("first_byte_forward", "natadm", { ...s, failures: forwardFailures.count });
+    ctx.log(
+      `  forward  p50 ${fmt(s.p50)} ms  p90 ${fmt(s.p90)} ms  p99 ${fmt(s.p99)} ms  (n=${s.n})`,
+    );
+  }
+}
+
+/** Reads until `buf` is full or the stream ends; returns how many bytes arrived. */
+async function readSome(reader: ReadableStreamDefaultReader<Uint8Array>, buf: Uint8Array) {
+  let got = 0;
+  while (got < buf.length) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    const take = Math.min(value.length, buf.length - got);
+    buf.set(value.subarray(0, take), got);
+    got += take;
+  }
+  return got;
+}
+
+/** The first `max` characters of a stream, then the rest discarded. */
+async function head(stream: ReadableStream<Uint8Array>, max = 2000): Promise<string> {
+  let text = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of stream) {
+    if (text.length < max) text += decoder.decode(chunk, { stream: true });
+  }
+  return text.slice(0, max);
+}
+
+/**
+ * One `connect` process (from {@link NatadmSystem.spawnConnect}): 1 byte written to its stdin
+ * at once, timed from the spawn to its echo on stdout; then stdin is closed and the process
+ * must exit 0 on its own. Returns milliseconds.
+ */
+export async function connectOnce(spawn: () => Deno.ChildProcess): Promise<number> {
+  const start = performance.now();
+  const child = spawn();
+  const stderr = head(child.stderr);
+  const stdout = child.stdout.getReader();
+  const writer = child.stdin.getWriter();
+  const timer = setTimeout(() => child.kill("SIGKILL"), 20_000);
+  try {
+    await writer.write(ONE);
+    const back = new Uint8Array(1);
+    const got = await readSome(stdout, back);
+    const ms = performance.now() - start;
+    await writer.close();
+    const more = await readSome(stdout, new Uint8Array(1));
+    const status = await child.status;
+    if (got !== 1 || back[0] !== ONE[0] || more !== 0 || status.code !== 0) {
+      const why = (await stderr).trim().split("\n").at(-1) ?? "";
+      throw new Error(
+        `connect: ${got === 1 ? "echo" : "no echo"}, exit ${status.code}${
+          status.signal ? ` (${status.signal})` : ""
+        }${why ? `: ${why}` : ""}`,
+      );
+    }
+    return ms;
+  } finally {
+    clearTimeout(timer);
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // already exited
+    }
+    await child.status;
+    await writer.close().catch(() => {});
+    await stdout.cancel().catch(() => {});
+    await stderr.catch(() => "");
+  }
+}
+
+/**
+ * NATadm only: `connect` spawned N times one after another, each timed from spawn to its first
+ * echoed byte (process start-up and login included, as an ssh `ProxyCommand` sees it).
+ */
+export async function connectSpawnLatency(ctx: Context, natadm: NatadmSystem): Promise<void> {
+  const { connectSpawns: n } = ctx.params;
+  if (natadm.skip || n <= 0) return;
+  ctx.log(`  connect: ${n} processes spawned one after another, spawn to first echoed byte`);
+  const spawn = () => natadm.spawnConnect();
+  const list: number[] = [];
+  let failed = 0;
+  await forEach({ ...ctx, systems: [natadm] }, 0, "connect spawn latency", async () => {
+    await connectOnce(spawn); // the first start fills caches: not counted
+    while (list.length < n) {
+      try {
+        list.push(await connectOnce(spawn));
+      } catch (err) {
+        if (++failed > n / 10) {
+          throw new Error(`${failed} failed connects, the last: ${(err as Error).message}`);
+        }
+      }
+    }
+  });
+  if (list.length === 0) return;
+  const s = latencyStats(list);
+  ctx.rec.set("connect_fb_p50", "natadm", s.p50);
+  ctx.rec.detail("connect_spawn", "natadm", { ...s, failures: failed });
+  ctx.log(`  connect  p50 ${fmt(s.p50, 1)} ms  p90 ${fmt(s.p90, 1)} ms  (n=${s.n})`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,44 +633,77 @@ export async function interactiveLatency(ctx: Context): Promise<void> {
 // ---------------------------------------------------------------------------------------------
 // 4. Connection rate
 
-/** Case 4: workers doing connect, 1 KiB request, 1 KiB reply, close, for a fixed time. */
+/** What one connection-rate run counted. */
+interface RateRun {
+  ok: number;
+  failed: number;
+  wrong: number;
+  seconds: number;
+}
+
+/** `workers` loops of connect, write `request`, read it back, close, on `port` for `seconds`. */
+async function rateRun(
+  port: number,
+  seconds: number,
+  workers: number,
+  request: Uint8Array,
+): Promise<RateRun> {
+  let ok = 0, failed = 0, wrong = 0;
+  const start = performance.now();
+  const end = start + seconds * 1000;
+  await Promise.all(Array.from({ length: workers }, async () => {
+    const reply = new Uint8Array(request.length);
+    for (let i = 0; i < 1_000_000 && performance.now() < end; i++) {
+      let conn: Deno.TcpConn | undefined;
+      try {
+        conn = await connect(port, 5000);
+        const c = conn;
+        await withDeadline(c, 5000, async () => {
+          await writeAll(c, request);
+          await readFull(c, reply);
+        });
+        if (sameBytes(request, reply)) ok++;
+        else wrong++;
+      } catch {
+        failed++;
+        await sleep(5);
+      } finally {
+        safeClose(conn);
+      }
+    }
+  }));
+  return { ok, failed, wrong, seconds: (performance.now() - start) / 1000 };
+}
+
+/**
+ * Case 4: workers doing connect, 1 KiB request, 1 KiB reply, close, for a fixed time; for
+ * NATadm also through a user's `forward`, right after its public port.
+ */
 export async function connectionRate(ctx: Context): Promise<void> {
   const { rateSeconds: seconds, rateWorkers: workers } = ctx.params;
   ctx.log(`[4/6] connection rate, ${workers} workers for ${seconds} s per system`);
   const request = crypto.getRandomValues(new Uint8Array(1024));
-  await forEach(ctx, 0, "connection rate", async (sys) => {
-    let ok = 0, failed = 0, wrong = 0;
-    const start = performance.now();
-    const end = start + seconds * 1000;
-    await Promise.all(Array.from({ length: workers }, async () => {
-      const reply = new Uint8Array(request.length);
-      for (let i = 0; i < 1_000_000 && performance.now() < end; i++) {
-        let conn: Deno.TcpConn | undefined;
-        try {
-          conn = await connect(sys.front.echo, 5000);
-          const c = conn;
-          await withDeadline(c, 5000, async () => {
-            await writeAll(c, request);
-            await readFull(c, reply);
-          });
-          if (sameBytes(request, reply)) ok++;
-          else wrong++;
-        } catch {
-          failed++;
-          await sleep(5);
-        } finally {
-          safeClose(conn);
-        }
-      }
-    }));
-    const elapsed = (performance.now() - start) / 1000;
-    const rate = ok / elapsed;
-    ctx.rec.set("rate", sys.id, rate);
-    ctx.rec.set("rate_err", sys.id, failed + wrong);
-    ctx.rec.detail("connection_rate", sys.id, { ok, failed, wrong, seconds: elapsed });
+  const record = (key: string, id: SysId, what: string, r: RateRun) => {
+    const rate = r.ok / r.seconds;
+    ctx.rec.set(key, id, rate);
+    ctx.rec.set(`${key}_err`, id, r.failed + r.wrong);
+    ctx.rec.detail(key === "rate" ? "connection_rate" : "connection_rate_forward", id, r);
     ctx.log(
-      `  ${sys.id.padEnd(8)} ${fmt(rate, 0)} conn/s  (${ok} ok, ${failed} failed, ${wrong} wrong)`,
+      `  ${what.padEnd(8)} ${fmt(rate, 0)} conn/s  (${r.ok} ok, ${r.failed} failed, ${r.wrong} ` +
+        "wrong)",
     );
+  };
+  await forEach(ctx, 0, "connection rate", async (sys) => {
+    record("rate", sys.id, sys.id, await rateRun(sys.front.echo, seconds, workers, request));
+    if (sys.forwardEcho) {
+      await sleep(ctx.params.quick ? 100 : 300);
+      record(
+        "fwd_rate",
+        sys.id,
+        "forward",
+        await rateRun(sys.forwardEcho, seconds, workers, request),
+      );
+    }
   });
 }
 

@@ -3,8 +3,9 @@
  *
  * Starts everything itself on 127.0.0.1 — target services, NATadm server and client, and the
  * peers it is compared with (direct connection, OpenSSH `ssh -R`, a stunnel pair) — runs six
- * cases, prints one table, writes bench/results/latest.{json,svg} (quick.{json,svg} for
- * `--quick`), and stops everything it started, also on error or Ctrl-C. Timing figures are
+ * cases (first byte and connection rate also through a user's `forward`, and `connect` spawned
+ * as an ssh ProxyCommand would be), prints one table, writes bench/results/latest.{json,svg}
+ * (quick.{json,svg} for `--quick`), and stops everything it started, also on error or Ctrl-C. Timing figures are
  * informational: nothing here fails on a slow result.
  * @module
  */
@@ -13,6 +14,7 @@ import { Fixture } from "../tests/helpers.ts";
 import {
   concurrency,
   connectionRate,
+  connectSpawnLatency,
   type Context,
   firstByteLatency,
   FULL,
@@ -64,8 +66,8 @@ const CASES = [
 const HELP = `Usage: deno task bench [--quick] [--builtin] [--fleet N] [--wan] [--only CASES]
                        [--without TOOLS] [--profile] [--log-level LEVEL]
 
-  --quick            every case briefly (for CI): 1 s throughput, 50 first-byte connections,
-                     500 round trips, 1 s connection rate, 100 tunnels, 5 s idle, a fleet of
+  --quick            every case briefly (for CI): 1 s throughput, 50 first-byte connections
+                     (and 50 through forward, 20 connect processes), 500 round trips, 1 s connection rate, 100 tunnels, 5 s idle, a fleet of
                      100 clients, a burst of 200 users, 2 s per fairness and HTTP run
   --fleet N          idle client identities in the fleet case (default 1000, --quick 100);
                      10000 needs the open-file hard limit at 20000 or more
@@ -336,7 +338,10 @@ async function main(): Promise<void> {
     await warmUp(ctx);
   }
   if (want("throughput")) await throughput(ctx);
-  if (want("firstbyte")) await firstByteLatency(ctx);
+  if (want("firstbyte")) {
+    await firstByteLatency(ctx);
+    await connectSpawnLatency(ctx, natadm);
+  }
   if (want("interactive")) await interactiveLatency(ctx);
   if (want("fairness")) await fairness(ctx, params.fairSeconds);
   if (want("http")) await smallRequests(ctx, params.httpSeconds, tools.wrk);

@@ -34,10 +34,16 @@ export function metrics(p: Params): Metric[] {
     m("fb_p50", "first byte p50", "ms", 3),
     m("fb_p90", "first byte p90", "ms", 3),
     m("fb_p99", "first byte p99", "ms", 3),
+    m("fwd_fb_p50", "  via forward p50", "ms", 3, false),
+    m("fwd_fb_p90", "  via forward p90", "ms", 3, false),
+    m("fwd_fb_p99", "  via forward p99", "ms", 3, false),
+    m("connect_fb_p50", "  connect spawn→byte p50", "ms", 1, false),
     m("rtt_p50", "interactive RTT p50", "ms", 3),
     m("rtt_p99", "interactive RTT p99", "ms", 3),
     m("rate", `conn rate, ${p.rateWorkers} workers`, "conn/s", 0),
     m("rate_err", "  failed connections", "", 0, false),
+    m("fwd_rate", "  via forward", "conn/s", 0, false),
+    m("fwd_rate_err", "  failed via forward", "", 0, false),
     m("conc_ok", `${p.tunnels} tunnels byte-exact`, `/${p.tunnels}`, 0, false),
     m("conc_open_ms", "  open all (32 at a time)", "ms", 0),
     m("conc_ms", `  then echo ${p.tunnelBytes / 1024} KiB on all`, "ms", 0),
@@ -127,6 +133,14 @@ export function targets(rec: Recorder, p: Params): Target[] {
     ),
   );
   out.push(t("fb_p99", "≤10 ms", () => cmp(v("fb_p99", "natadm"), 10, (a, b) => a <= b)));
+  // Admin access by name costs what a public port costs (issue 12).
+  out.push(
+    t(
+      "fwd_fb_p50",
+      "≤public port + 1 ms",
+      () => cmp(v("fwd_fb_p50", "natadm"), v("fb_p50", "natadm"), (a, b) => a <= b + 1),
+    ),
+  );
   out.push(
     t(
       "rtt_p50",

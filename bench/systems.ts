@@ -1,7 +1,8 @@
 /**
  * The systems under test, each started on loopback in front of the same target services:
- * `direct` (no tunnel, the ceiling), `natadm` (server.ts + client.ts), `ssh` (sshd plus
- * `ssh -R`) and `stunnel` (a TLS client/server stunnel pair).
+ * `direct` (no tunnel, the ceiling), `natadm` (server.ts + client.ts, plus a user's `forward`
+ * to the echo target), `ssh` (sshd plus `ssh -R`) and `stunnel` (a TLS client/server stunnel
+ * pair).
  * @module
  */
 import {
@@ -58,6 +59,8 @@ export interface System {
   skip?: string;
   /** The ports a user connects to, one per target service. */
   front: TargetPorts;
+  /** NATadm only: the local port of a user's `forward` to the echo target (admin access). */
+  forwardEcho?: number;
   start(): Promise<void>;
   stop(): Promise<void>;
   roles(): Roles;
@@ -85,6 +88,7 @@ function procHealth(procs: (Proc | undefined)[]): string | undefined {
 
 const DENO = Deno.execPath();
 const TARGET_SCRIPT = new URL("./target.ts", import.meta.url).pathname;
+const CONNECT_SCRIPT = new URL("../cmd/connect.ts", import.meta.url).pathname;
 
 /** The target services: echo/sink/source in a Deno process, and iperf3 -s if wanted. */
 export class Targets {
@@ -168,18 +172,29 @@ export class DirectSystem implements System {
   }
 }
 
-/** NATadm: `server.ts` and `client.ts` as real processes, one service per target. */
+/** The client name of the NATadm system, and the user that reaches it by name. */
+const BENCH_CLIENT = "bench";
+const BENCH_USER = "bench-admin";
+
+/**
+ * NATadm: `server.ts` and `client.ts` as real processes, one service per target; and user
+ * `bench-admin`, allowed to the client's echo port, running `forward` to it.
+ */
 export class NatadmSystem implements System {
   readonly id = "natadm";
   skip?: string;
   front: TargetPorts = { echo: 0, sink: 0, source: 0 };
+  forwardEcho = 0;
   communicationPort = 0;
   server: Program | undefined;
   client: Program | undefined;
+  forward: Program | undefined;
   #main: Identity | undefined;
   #idle: Identity | undefined;
+  #user: Identity | undefined;
   #serverConfig = "";
   #clientConfig = "";
+  #userConfig = "";
   #stopping = false;
   #exit: { name: string; status: Deno.CommandStatus; program: Program } | undefined;
 
@@ -203,8 +218,9 @@ export class NatadmSystem implements System {
   }
 
   async start(): Promise<void> {
-    this.#main ??= await this.fixture.identity("bench");
+    this.#main ??= await this.fixture.identity(BENCH_CLIENT);
     this.#idle ??= await this.fixture.identity("idle");
+    this.#user ??= await this.fixture.identity(BENCH_USER);
     this.communicationPort = freePort();
     const front: Partial<TargetPorts> = {};
     const services: string[] = [];
@@ -212,19 +228,36 @@ export class NatadmSystem implements System {
       front[name] = freePort();
       services.push(
         `[services.${front[name]}]`,
-        `name = "bench"`,
+        `name = "${BENCH_CLIENT}"`,
         `host = "127.0.0.1"`,
         `port = ${this.targets.ports[name]}`,
       );
     }
     this.front = front as TargetPorts;
+    // The user's tunnels are not to meet the per-user limit: the rate case keeps 32 at once,
+    // and closed ones are counted until both ends have seen the close.
+    const user = [
+      `[users.${JSON.stringify(BENCH_USER)}]`,
+      `key = "${this.#user.publicKey}"`,
+      `allow = ${JSON.stringify([`${BENCH_CLIENT}:${this.targets.ports.echo}`])}`,
+    ];
     this.#serverConfig = await this.fixture.write(
       "server.toml",
       serverToml({
         communicationPort: this.communicationPort,
         clients: [this.#main, this.#idle],
         services: [],
-      }) + services.join("\n") + "\n",
+        extra: "max_tunnels_per_user = 4096",
+      }) + services.join("\n") + "\n" + user.join("\n") + "\n",
+    );
+    this.#userConfig = await this.fixture.write(
+      "user.toml",
+      [
+        `name = ${JSON.stringify(BENCH_USER)}`,
+        `remote = ["127.0.0.1", ${this.communicationPort}]`,
+        `cafile = ${JSON.stringify(CERT_FILES.caCert)}`,
+        `key = ${JSON.stringify(this.#user.keyPath)}`,
+      ].join("\n") + "\n",
     );
     this.#clientConfig = await this.fixture.write(
       "client.toml",
@@ -256,6 +289,47 @@ export class NatadmSystem implements System {
     );
     await this.client.waitFor(/connected to .* as/);
     await waitEcho(this.front.echo, "natadm");
+    this.forwardEcho = freePort();
+    this.forward = this.#watch(
+      new Program(
+        "cmd/forward.ts",
+        [
+          "--config",
+          this.#userConfig,
+          ...this.programArgs,
+          `127.0.0.1:${this.forwardEcho}`,
+          BENCH_CLIENT,
+          String(this.targets.ports.echo),
+        ],
+        this.#flags("forward"),
+      ),
+      "natadm forward",
+    );
+    await this.forward.waitFor(/forwarding .* to client/);
+    await waitEcho(this.forwardEcho, "natadm forward");
+  }
+
+  /**
+   * Spawns `connect` as the bench user to the client's echo port, stdin and stdout piped (the
+   * tunnel), stderr piped (its complaints): what an ssh `ProxyCommand` does.
+   */
+  spawnConnect(): Deno.ChildProcess {
+    return new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-net",
+        "--allow-read",
+        CONNECT_SCRIPT,
+        "--config",
+        this.#userConfig,
+        ...this.programArgs,
+        BENCH_CLIENT,
+        String(this.targets.ports.echo),
+      ],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
   }
 
   #watch(program: Program, name: string): Program {
@@ -269,7 +343,11 @@ export class NatadmSystem implements System {
     const pick = (name: string, p: Program | undefined) =>
       (p?.lines ?? []).filter((l) => /\[(WRN|ERR|FTL)\]|cut short/.test(l)).slice(-3)
         .map((l) => `${name}: ${l.replace(/^\S+ \S+ \S+ /, "")}`);
-    return [...pick("server", this.server), ...pick("client", this.client)];
+    return [
+      ...pick("server", this.server),
+      ...pick("client", this.client),
+      ...pick("forward", this.forward),
+    ];
   }
 
   health(): string | undefined {
@@ -294,14 +372,16 @@ export class NatadmSystem implements System {
 
   /** Drops collected log lines, which grow with every tunnel. */
   forgetLogs(): void {
-    for (const p of [this.server, this.client]) if (p) p.lines.splice(0, p.lines.length - 200);
+    for (const p of [this.server, this.client, this.forward]) {
+      if (p) p.lines.splice(0, p.lines.length - 200);
+    }
   }
 
   async stop(): Promise<void> {
     this.#stopping = true;
     if (this.profileDir) {
       // The profiler writes its file at a clean exit: ask politely first.
-      for (const p of [this.client, this.server]) {
+      for (const p of [this.forward, this.client, this.server]) {
         if (!p) continue;
         p.kill("SIGTERM");
         let timer: ReturnType<typeof setTimeout> | undefined;
@@ -309,9 +389,10 @@ export class NatadmSystem implements System {
         clearTimeout(timer);
       }
     }
+    await stopTracked(this.forward);
     await stopTracked(this.client);
     await stopTracked(this.server);
-    this.client = this.server = undefined;
+    this.forward = this.client = this.server = undefined;
   }
 
   roles(): Roles {

@@ -35,7 +35,9 @@ async function poll(): Promise<{ connected: number; clients: number }> {
   });
   const timer = setTimeout(() => conn.close(), 10_000);
   try {
-    await conn.write(new TextEncoder().encode("GET /status.json HTTP/1.0\r\nHost: x\r\n\r\n"));
+    await conn.write(
+      new TextEncoder().encode("GET /status.json HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"),
+    );
     const chunks: Uint8Array[] = [];
     let size = 0;
     const buf = new Uint8Array(256 * 1024);

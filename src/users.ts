@@ -77,6 +77,9 @@ export class Users {
   async serve(framed: FramedStream, hello: UserHello, rttMs: number): Promise<void> {
     const config = this.#config();
     const remote = framed.stream.remote;
+    // As for a client: from here the mux reads eagerly and credit bounds what the user sends;
+    // the login's bound on unread bytes would cut a user opening many tunnels at once.
+    framed.stream.limitUnread?.(undefined);
     // deno-lint-ignore prefer-const
     let conn: UserConnection;
     const mux: Mux = new Mux(framed.stream, {

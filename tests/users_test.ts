@@ -9,12 +9,15 @@ import { CERT_FILES } from "../src/certs.ts";
 import { loadServerConfig, userRuleFor } from "../src/config.ts";
 import {
   clientToml,
+  connectUser,
   DEADLINE_MS,
   errorLine,
   findExecutable,
   Fixture,
   freePort,
   type Identity,
+  randomBytes,
+  readExactly,
   ROOT,
   runScript,
   Scope,
@@ -22,6 +25,7 @@ import {
   sh,
   startEcho,
   startSshd,
+  writeAll,
 } from "./helpers.ts";
 
 const CLIENT = "foo bar";
@@ -215,6 +219,37 @@ Deno.test("forward serves an HTTP server behind the client, one tunnel per conne
     await env.server.waitFor(/tunnel closed: user "alice"/);
     assert.equal(env.server.count(/user alice connected from/), 0);
     assert.equal(env.server.count(/user "alice" connected from/), 1, "one login for both");
+  } finally {
+    await env.scope.close();
+  }
+});
+
+Deno.test("forward carries 64 connections that each send 4 KiB at once, and stays logged in", async () => {
+  const env = await setup();
+  try {
+    await env.scope.client(env.clientConfig);
+    const localPort = freePort();
+    const forward = env.scope.spawn("cmd/forward.ts", [
+      "--config",
+      env.userConfig,
+      String(localPort),
+      CLIENT,
+      String(env.echo.port),
+    ]);
+    await forward.waitFor(/forwarding "127\.0\.0\.1":\d+ to client "foo bar"/);
+    // Together more than a new connection may have unread before it logs in: the login's
+    // bound must not follow the user onto its tunnels.
+    const payloads = Array.from({ length: 64 }, () => randomBytes(4096));
+    const conns = await Promise.all(payloads.map(() => connectUser(localPort)));
+    try {
+      await Promise.all(conns.map((conn, i) => writeAll(conn, payloads[i])));
+      const back = await Promise.all(conns.map((conn) => readExactly(conn, 4096)));
+      back.forEach((bytes, i) => assert.deepEqual(bytes, payloads[i], `connection ${i}`));
+    } finally {
+      for (const conn of conns) conn.close();
+    }
+    assert.equal(env.server.count(/user "alice" connected from/), 1, "one login for all");
+    assert.equal(env.server.count(/user "alice" disconnected/), 0);
   } finally {
     await env.scope.close();
   }
