@@ -5,7 +5,7 @@
 import { die, onShutdown, parseCommon } from "./src/cli.ts";
 import { ConfigError, loadClientConfig } from "./src/config.ts";
 import { setupLogging } from "./src/log.ts";
-import { Client, describeError } from "./src/client.ts";
+import { clientsFor, describeError } from "./src/client.ts";
 import { clientPermissions, formatPermissions } from "./src/permissions.ts";
 
 const HELP = `
@@ -43,18 +43,24 @@ if (options.flags.has("print-permissions")) {
   Deno.exit(0);
 }
 await setupLogging(options.logLevel ?? config.logLevel ?? "info", options.logFormat);
-const client = new Client(config);
+const clients = clientsFor(config);
 if (options.flags.has("check")) {
-  const where = `${config.remoteHost}:${config.remotePort}`;
-  const services = await client.check().catch((err) =>
-    die("natadm-client", describeError(err, config.remoteHost, config.remotePort))
-  );
-  console.log(`Authenticated to ${where} as "${config.name}".`);
-  if (services.length === 0) console.log("The server routes no services to this client.");
-  for (const s of services) {
-    console.log(`  server port ${s.port} → ${s.host}:${s.target_port} on this machine`);
+  for (const [i, client] of clients.entries()) {
+    const [host, port] = config.remotes[i];
+    const services = await client.check().catch((err) =>
+      die("natadm-client", describeError(err, host, port))
+    );
+    console.log(`Authenticated to ${host}:${port} as "${config.name}".`);
+    if (services.length === 0) console.log("The server routes no services to this client.");
+    for (const s of services) {
+      console.log(`  server port ${s.port} → ${s.host}:${s.target_port} on this machine`);
+    }
   }
   Deno.exit(0);
 }
-onShutdown(() => client.stop(), () => client.liveTunnels);
-Deno.exit(await client.run());
+onShutdown(() => {
+  for (const client of clients) client.stop();
+}, () => clients[0].liveTunnels);
+// Each server's session runs on its own; the process ends with the worst exit code.
+const codes = await Promise.all(clients.map((client) => client.run()));
+Deno.exit(Math.max(...codes));

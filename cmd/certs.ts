@@ -17,7 +17,7 @@ import {
 
 const PROGRAM = "natadm-certs";
 const HELP = `
-Usage: deno task certs [--out DIR] [--host NAME]... [--force]
+Usage: deno task certs [--out DIR] [--host NAME]... [--peer] [--force]
 
 Writes a private CA and a server certificate signed by it:
   DIR/communication.ca.pem       CA certificate: every client's "cafile"
@@ -29,6 +29,9 @@ Writes a private CA and a server certificate signed by it:
                 created if missing; refused if group or others can write it
   --host NAME   a name or address clients use to reach the server; repeat for several
                 (default: localhost and 127.0.0.1)
+  --peer        also allow the certificate as a TLS client certificate, so that it serves
+                as a cluster's peer_certificate (with the CA as peer_cafile); list every
+                server's peer_host with --host
   --force       replace existing files (a symlink there is replaced, never followed)
 `;
 
@@ -40,6 +43,7 @@ try {
       out: { type: "string" },
       host: { type: "string", multiple: true },
       force: { type: "boolean" },
+      peer: { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
   }));
@@ -75,7 +79,7 @@ try {
       die(PROGRAM, `${existing.join(", ")} already ${verb}; use --force to replace`);
     }
   }
-  const pem = await generateCertificates(hosts);
+  const pem = await generateCertificates(hosts, { peer: values.peer === true });
   for (const [name, mode] of MODES) {
     try {
       await writeFileExclusive(paths[name], pem[name], { mode, replace: force });

@@ -41,8 +41,15 @@ async function privatePem(key: CryptoKey): Promise<string> {
   return x509.PemConverter.encode(await crypto.subtle.exportKey("pkcs8", key), "PRIVATE KEY");
 }
 
-/** Makes a CA (10 years) and a server certificate (2 years) valid for every name in `hosts`. */
-export async function generateCertificates(hosts: string[]): Promise<GeneratedCertificates> {
+/**
+ * Makes a CA (10 years) and a server certificate (2 years) valid for every name in `hosts`.
+ * With `peer`, the certificate also serves as a TLS client certificate (extended key usage
+ * clientAuth), as a cluster's servers present to one another on their peer links.
+ */
+export async function generateCertificates(
+  hosts: string[],
+  options: { peer?: boolean } = {},
+): Promise<GeneratedCertificates> {
   const now = Date.now();
   const notBefore = new Date(now - DAY_MS);
   const caKeys = await crypto.subtle.generateKey(ALGORITHM, true, ["sign", "verify"]);
@@ -75,7 +82,11 @@ export async function generateCertificates(hosts: string[]): Promise<GeneratedCe
     extensions: [
       new x509.BasicConstraintsExtension(false, undefined, true),
       new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth]),
+      new x509.ExtendedKeyUsageExtension(
+        options.peer
+          ? [x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]
+          : [x509.ExtendedKeyUsage.serverAuth],
+      ),
       new x509.SubjectAlternativeNameExtension(
         hosts.map((h) => ({ type: isIP(h) ? "ip" as const : "dns" as const, value: h })),
       ),

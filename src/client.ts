@@ -54,6 +54,17 @@ class GoodbyeError extends Error {
 /** Exit code of a client that stepped back because another took over its name. */
 export const EXIT_REPLACED = 3;
 
+/**
+ * One {@link Client} per server of `remote`, all serving the same local tunnels: with a list
+ * of servers (a cluster), the client keeps a session with each, so any of them can reach it.
+ */
+export function clientsFor(config: ClientConfig): Client[] {
+  const tunnels = new LocalTunnels(config);
+  return config.remotes.map(([remoteHost, remotePort]) =>
+    new Client({ ...config, remoteHost, remotePort, remotes: [[remoteHost, remotePort]] }, tunnels)
+  );
+}
+
 /** A running NATadm client. */
 export class Client {
   #config: ClientConfig;
@@ -69,9 +80,13 @@ export class Client {
   /** Unix time in ms when the current connection authenticated. */
   #connectedAt: number | undefined;
 
-  constructor(config: ClientConfig) {
+  /**
+   * @param tunnels the local tunnels to serve, shared by the clients of one process that keep
+   * a session with each server of `remote`; a new set if absent
+   */
+  constructor(config: ClientConfig, tunnels?: LocalTunnels) {
     this.#config = config;
-    this.#tunnels = new LocalTunnels(config);
+    this.#tunnels = tunnels ?? new LocalTunnels(config);
   }
 
   /** Live tunnels right now. */

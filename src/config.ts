@@ -78,6 +78,23 @@ export interface ServerConfig {
   users: Map<string, UserEntry>;
   /** Live tunnels of one user at most, over all its connections (max_tunnels_per_user). */
   maxTunnelsPerUser: number;
+  /** This server as a member of a cluster (registry = "etcd" and `peer_port`); else absent. */
+  cluster?: ClusterSettings;
+}
+
+/** A cluster member's own settings: its id, where its peers reach it, and its peer TLS. */
+export interface ClusterSettings {
+  /** `server_id`: unique in the cluster (default `peer_host:communication_port`). */
+  serverId: string;
+  /** `peer_host`: the host other servers dial (default `listen_host` unless a wildcard). */
+  peerHost: string;
+  /** `peer_port`: where other servers connect, with mutual TLS. */
+  peerPort: number;
+  /** `peer_certificate`: this server's certificate and key, signed by the cluster's CA. */
+  certPem: string;
+  keyPem: string;
+  /** `peer_cafile`: the cluster's CA, which must have signed every peer's certificate. */
+  caPem: string;
 }
 
 /** One rule of a user's `allow` list: a client-name glob and a port (null: any port). */
@@ -189,8 +206,11 @@ export interface ClientConfig {
   /** Every other file the config names (CA, key), as absolute paths. */
   readFiles: string[];
   name: string;
+  /** The first server of `remote` (the only one, in its single-pair form). */
   remoteHost: string;
   remotePort: number;
+  /** Every server of `remote`, in order: the client keeps a session with each. */
+  remotes: [string, number][];
   caPem: string;
   key: CryptoKey;
   /** Seconds between heartbeats and between reconnect attempts. */
@@ -432,6 +452,11 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "etcd_password_file",
     "etcd_cafile",
     "max_tunnels_per_user",
+    "server_id",
+    "peer_port",
+    "peer_host",
+    "peer_certificate",
+    "peer_cafile",
     "users",
     "clients",
     "services",
@@ -488,12 +513,15 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     new Map([[communicationPort, "communication_port"]]),
   );
   const seen = new Set(services.map((s) => s.port));
+  const listenHost = r.host("listen_host", r.string("listen_host", "0.0.0.0"));
+  const cluster = await clusterSettings(r, registry, listenHost, communicationPort);
+  if (cluster) readFiles.push(...cluster.files);
 
   return {
     file,
     readFiles,
     communicationPort,
-    listenHost: r.host("listen_host", r.string("listen_host", "0.0.0.0")),
+    listenHost,
     certPem: cert.text,
     keyPem: key.text,
     pendingTimeout: r.seconds("pending_timeout", 60, 86_400),
@@ -522,6 +550,91 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     services,
     users,
     maxTunnelsPerUser: r.count("max_tunnels_per_user", 64),
+    cluster: cluster?.settings,
+  };
+}
+
+/** Reads `server_id`, `peer_port`, `peer_host`, `peer_certificate` and `peer_cafile`. */
+async function clusterSettings(
+  r: Reader,
+  registry: RegistrySettings,
+  listenHost: string,
+  communicationPort: number,
+): Promise<{ settings: ClusterSettings; files: string[] } | undefined> {
+  const keys = ["server_id", "peer_port", "peer_host", "peer_certificate", "peer_cafile"];
+  if (registry.source !== "etcd") {
+    const stray = keys.find((k) => r.has(k));
+    if (stray) r.fail(stray, `only used with registry = "etcd" (a cluster shares etcd)`);
+    return undefined;
+  }
+  if (!r.has("peer_port")) {
+    const stray = keys.find((k) => r.has(k));
+    if (stray) r.fail("peer_port", `required with ${stray}: the port other servers connect to`);
+    return undefined;
+  }
+  const peerPort = r.port("peer_port");
+  if (peerPort === communicationPort) {
+    r.fail("peer_port", `${peerPort} is already the communication_port`);
+  }
+  const wildcard = listenHost === "0.0.0.0" || listenHost === "::";
+  if (wildcard && !r.has("peer_host")) {
+    r.fail("peer_host", `required when listen_host is ${listenHost}: the host other servers dial`);
+  }
+  const peerHost = r.host("peer_host", r.string("peer_host", listenHost));
+  const serverId = r.string(
+    "server_id",
+    `${peerHost.includes(":") ? `[${peerHost}]` : peerHost}:${communicationPort}`,
+  );
+  // deno-lint-ignore no-control-regex
+  if (serverId === "" || serverId.includes("/") || /[\x00-\x1f\x7f]/.test(serverId)) {
+    r.fail("server_id", `expected a non-empty name without "/", got ${JSON.stringify(serverId)}`);
+  }
+  if (!r.has("peer_certificate")) {
+    r.fail("peer_certificate", "required with peer_port, expected [certificate, key] files");
+  }
+  const [certPath, keyPath] = r.pair("peer_certificate");
+  const cert = await r.file_("peer_certificate[0]", certPath);
+  const key = await r.file_("peer_certificate[1]", keyPath, true);
+  const ca = await r.file_("peer_cafile", r.string("peer_cafile"));
+  let certificate: X509Certificate;
+  try {
+    certificate = new X509Certificate(cert.text);
+  } catch (err) {
+    r.fail(
+      "peer_certificate[0]",
+      `${cert.path} is not a PEM certificate: ${(err as Error).message}`,
+    );
+  }
+  try {
+    if (!certificate.checkPrivateKey(createPrivateKey(key.text))) {
+      r.fail("peer_certificate[1]", `${key.path} is not the private key of ${cert.path}`);
+    }
+  } catch (err) {
+    if (err instanceof ConfigError) throw err;
+    r.fail(
+      "peer_certificate[1]",
+      `${key.path} is not a PEM private key: ${(err as Error).message}`,
+    );
+  }
+  let caCert: X509Certificate;
+  try {
+    caCert = new X509Certificate(ca.text);
+  } catch (err) {
+    r.fail("peer_cafile", `${ca.path} is not a PEM certificate: ${(err as Error).message}`);
+  }
+  if (!certificate.checkIssued(caCert)) {
+    r.fail("peer_certificate[0]", `${cert.path} is not signed by peer_cafile ${ca.path}`);
+  }
+  return {
+    settings: {
+      serverId,
+      peerHost,
+      peerPort,
+      certPem: cert.text,
+      keyPem: key.text,
+      caPem: ca.text,
+    },
+    files: [cert.path, key.path, ca.path],
   };
 }
 
@@ -832,11 +945,8 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
   const name = r.string("name");
   const problem = checkName(name);
   if (problem) r.fail("name", problem);
-  const [host, port] = r.pair("remote");
-  if (typeof host !== "string" || !isHost(host)) {
-    r.fail("remote", `expected ["host", port] with a host name or IP, got ${describe(host)}`);
-  }
-  const remotePort = r.port("remote[1]", port);
+  const remotes = clientRemotes(r);
+  const [host, remotePort] = remotes[0];
   const ca = await r.file_("cafile", r.string("cafile"));
   try {
     new X509Certificate(ca.text);
@@ -856,6 +966,7 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
     name,
     remoteHost: host,
     remotePort,
+    remotes,
     caPem: ca.text,
     key,
     interval: r.seconds("interval", 5, 3600),
@@ -896,5 +1007,33 @@ function allowList(r: Reader): { host: string; port: number }[] {
       r.fail(at, `expected "host:port" (IPv6 as "[::1]:22"), got ${describe(entry)}`);
     }
     return { host: (m[1] ?? m[2]).toLowerCase(), port: r.port(at, Number(m[3])) };
+  });
+}
+
+/**
+ * Reads a client's `remote`: one `["host", port]` pair, or a list of them (a client attached
+ * to several servers of a cluster).
+ */
+function clientRemotes(r: Reader): [string, number][] {
+  const v = r.table.remote;
+  const several = Array.isArray(v) && v.length > 0 && v.every(Array.isArray);
+  if (!several) {
+    const [host, port] = r.pair("remote");
+    if (typeof host !== "string" || !isHost(host)) {
+      r.fail("remote", `expected ["host", port] with a host name or IP, got ${describe(host)}`);
+    }
+    return [[host, r.port("remote[1]", port)]];
+  }
+  const seen = new Set<string>();
+  return (v as unknown[][]).map((pair, i) => {
+    const at = `remote[${i}]`;
+    if (pair.length !== 2 || typeof pair[0] !== "string" || !isHost(pair[0])) {
+      r.fail(at, `expected ["host", port] with a host name or IP, got ${describe(pair)}`);
+    }
+    const entry: [string, number] = [pair[0], r.port(`${at}[1]`, pair[1])];
+    const key = `${entry[0].toLowerCase()}:${entry[1]}`;
+    if (seen.has(key)) r.fail(at, `${entry[0]}:${entry[1]} is listed twice`);
+    seen.add(key);
+    return entry;
   });
 }

@@ -5,8 +5,8 @@
  * @module
  */
 import type { ServerConfig, ServiceConfig } from "./config.ts";
-import type { Registry, Session } from "./registry.ts";
-import type { Tunnels } from "./tunnels.ts";
+import type { Registry } from "./registry.ts";
+import type { Tunnels, TunnelTarget } from "./tunnels.ts";
 import type { Stream } from "./transport.ts";
 import { log } from "./log.ts";
 
@@ -19,6 +19,12 @@ interface Waiting {
   timer: ReturnType<typeof setTimeout>;
 }
 
+/**
+ * Finds another server of the cluster that holds client `name` and returns the way to it, or
+ * undefined when none does (or none can be reached).
+ */
+export type Forwarder = (name: string) => Promise<TunnelTarget | undefined>;
+
 /** Users on their way to a client, and those waiting for one that is away. */
 export class Pairing {
   #config: () => ServerConfig;
@@ -27,10 +33,19 @@ export class Pairing {
   /** Waiting users by client name, oldest first. */
   #waiting = new Map<string, Waiting[]>();
 
-  constructor(config: () => ServerConfig, registry: Registry, tunnels: Tunnels) {
+  #forward: Forwarder | undefined;
+
+  /** @param forward where a cluster member finds a client another server holds */
+  constructor(
+    config: () => ServerConfig,
+    registry: Registry,
+    tunnels: Tunnels,
+    forward?: Forwarder,
+  ) {
     this.#config = config;
     this.#registry = registry;
     this.#tunnels = tunnels;
+    this.#forward = forward;
   }
 
   /** A user connected to `service`'s port: serve, queue or turn away. */
@@ -55,6 +70,21 @@ export class Pairing {
       this.#serve(user, session, service);
       return;
     }
+    if (this.#forward) {
+      // Another server of the cluster may hold it: carry the user there, else wait here.
+      this.#forward(service.name).then((target) => {
+        if (user.isClosed()) return user.close();
+        const local = this.#registry.get(service.name); // connected here meanwhile: it wins
+        if (local ?? target) this.#serve(user, (local ?? target)!, service);
+        else this.#wait(user, service, turnAway);
+      });
+      return;
+    }
+    this.#wait(user, service, turnAway);
+  }
+
+  /** Queues `user` until its client connects, within the limits. */
+  #wait(user: Stream, service: ServiceConfig, turnAway: (why: string) => void): void {
     const queue = this.#waiting.get(service.name) ?? [];
     const waiting = queue.filter((w) => w.service.port === service.port).length;
     if (waiting >= this.#config().maxPendingUsers) {
@@ -85,18 +115,26 @@ export class Pairing {
       .length;
   }
 
-  /** Client `session` connected: everyone waiting for it is served now. */
-  connected(session: Session): void {
-    const queue = this.#waiting.get(session.name);
+  /** Client `target` connected here, or another server took it: everyone waiting is served. */
+  connected(target: TunnelTarget): void {
+    const queue = this.#waiting.get(target.name);
     if (!queue) return;
-    this.#waiting.delete(session.name);
+    this.#waiting.delete(target.name);
     for (const entry of queue) {
       clearTimeout(entry.timer);
-      this.#serve(entry.user, session, entry.service);
+      this.#serve(entry.user, target, entry.service);
     }
   }
 
-  #serve(user: Stream, session: Session, service: ServiceConfig): void {
+  /** Another server of the cluster now holds client `name`: users waiting for it go there. */
+  heldElsewhere(name: string): void {
+    if (!this.#forward || !this.#waiting.has(name)) return;
+    this.#forward(name).then((target) => {
+      if (target && !this.#registry.get(name)) this.connected(target);
+    });
+  }
+
+  #serve(user: Stream, session: TunnelTarget, service: ServiceConfig): void {
     this.#tunnels.run(user, session, service).catch((err) => {
       user.close();
       logger.warn("user {user} on service {port} closed: {error}", {

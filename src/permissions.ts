@@ -13,6 +13,8 @@ import type { ClientConfig, ServerConfig } from "./config.ts";
 export interface Grants {
   net: string[];
   read: string[];
+  /** Any host and port (a cluster member dials the peers etcd names, wherever they are). */
+  anyNet?: boolean;
 }
 
 function netHost(host: string): string {
@@ -38,7 +40,7 @@ export function serverGrants(config: ServerConfig): Grants {
     }
   }
   if (config.status) net.push(`${netHost(config.status.host)}:${config.status.port}`);
-  return { net, read: [config.file, ...config.readFiles] };
+  return { net, read: [config.file, ...config.readFiles], anyNet: config.cluster !== undefined };
 }
 
 /** The client's grants: connect to the server and its allowed targets, read its files. */
@@ -47,14 +49,15 @@ export function clientGrants(config: ClientConfig): Grants {
     ? config.allow.map((t) => `${netHost(t.host)}:${t.port}`)
     : ["localhost", "127.0.0.1", "[::1]"];
   return {
-    net: [`${netHost(config.remoteHost)}:${config.remotePort}`, ...targets],
+    net: [...config.remotes.map(([host, port]) => `${netHost(host)}:${port}`), ...targets],
     read: [config.file, ...config.readFiles],
   };
 }
 
 /** Deno's flags for `grants`, one argument each (to pass as separate argv elements). */
 export function permissionFlags(grants: Grants): string[] {
-  return [`--allow-net=${grants.net.join(",")}`, `--allow-read=${grants.read.join(",")}`];
+  const net = grants.anyNet ? "--allow-net" : `--allow-net=${grants.net.join(",")}`;
+  return [net, `--allow-read=${grants.read.join(",")}`];
 }
 
 /** Flags for the server's config (see {@link serverGrants}). */
@@ -77,14 +80,17 @@ export function formatPermissions(flags: string[]): string {
 
 /** The grants this process does not hold, as the flags that would grant them; empty if none. */
 export function missingGrants(grants: Grants): string[] {
+  if (grants.anyNet && Deno.permissions.querySync({ name: "net" }).state !== "granted") {
+    grants = { ...grants, net: ["*"] };
+  }
   const net = grants.net.filter((host) =>
-    Deno.permissions.querySync({ name: "net", host }).state !== "granted"
+    host === "*" || Deno.permissions.querySync({ name: "net", host }).state !== "granted"
   );
   const read = grants.read.filter((path) =>
     Deno.permissions.querySync({ name: "read", path }).state !== "granted"
   );
   return [
-    ...(net.length ? [`--allow-net=${net.join(",")}`] : []),
+    ...(net.includes("*") ? ["--allow-net"] : net.length ? [`--allow-net=${net.join(",")}`] : []),
     ...(read.length ? [`--allow-read=${read.join(",")}`] : []),
   ];
 }

@@ -188,6 +188,18 @@ export interface UserOpen {
   wait: number;
 }
 
+/**
+ * Payload of an OPEN frame on a peer link (server A to server B): connect this stream to
+ * `host:port` of client `client`, which B holds; `by` is who the tunnel is for (the user's
+ * address, or its name), for B's and the client's logs.
+ */
+export interface PeerOpen {
+  client: string;
+  port: number;
+  host: string;
+  by: string;
+}
+
 /** Longest a user's open request may wait for its client, in seconds. */
 export const MAX_USER_WAIT_S = 3600;
 
@@ -453,6 +465,26 @@ export function decodeUserOpen(payload: Uint8Array): UserOpen {
   const problem = checkName(client);
   if (problem) fail(`field "client" ${problem}`);
   return { client, port: int(o, "port", 1, 65535), wait: int(o, "wait", 0, MAX_USER_WAIT_S) };
+}
+
+/** Serialises a peer link's open request into an OPEN frame's payload. */
+export function encodePeerOpen(request: PeerOpen): Uint8Array {
+  return encoder.encode(JSON.stringify(request));
+}
+
+/** Parses and strictly validates the payload of an OPEN frame on a peer link. */
+export function decodePeerOpen(payload: Uint8Array): PeerOpen {
+  const o = parseObject(payload, "peer open request");
+  expectKeys(o, "", ["client", "port", "host", "by"]);
+  const client = str(o, "client", MAX_NAME_BYTES);
+  const problem = checkName(client);
+  if (problem) fail(`field "client" ${problem}`);
+  return {
+    client,
+    port: int(o, "port", 1, 65535),
+    host: host(o, "host"),
+    by: str(o, "by", MAX_NAME_BYTES),
+  };
 }
 
 /** Writes a mux frame header into `out` at `at`. */

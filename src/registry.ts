@@ -4,13 +4,15 @@
  * @module
  */
 import type { ServerConfig } from "./config.ts";
-import type { Mux } from "./mux.ts";
+import type { Mux, MuxStream } from "./mux.ts";
+import { encodeOpen, type OpenRequest } from "./protocol.ts";
+import type { TunnelTarget } from "./tunnels.ts";
 import { log } from "./log.ts";
 
 const logger = log("server");
 
 /** One authenticated client connection and what the status page shows of it. */
-export class Session {
+export class Session implements TunnelTarget {
   /** Unix time in ms when it authenticated. */
   readonly connectedSince = Date.now();
   /**
@@ -22,6 +24,16 @@ export class Session {
   leaving = false;
 
   constructor(readonly name: string, readonly mux: Mux) {}
+
+  /** Whether its connection is gone. */
+  get closed(): boolean {
+    return this.mux.closed;
+  }
+
+  /** Opens a stream on the client's connection to `host:port` on its side. */
+  open(request: OpenRequest): MuxStream {
+    return this.mux.open(encodeOpen(request));
+  }
 
   /** The client's address, for logs. */
   get remote(): string {
@@ -47,6 +59,11 @@ export class Registry {
   get(name: string): Session | undefined {
     const session = this.#sessions.get(name);
     return session?.ready && !session.leaving ? session : undefined;
+  }
+
+  /** Whether client `name` has a session here at all (ready or not, leaving or not). */
+  has(name: string): boolean {
+    return this.#sessions.has(name);
   }
 
   /** Every session, including those that are leaving. */

@@ -24,7 +24,10 @@ import { Registry, Session } from "./registry.ts";
 import { Login } from "./login.ts";
 import { ServiceListeners } from "./listeners.ts";
 import { Pairing } from "./pairing.ts";
-import { type TunnelInfo, Tunnels } from "./tunnels.ts";
+import { type TunnelInfo, Tunnels, type TunnelTarget } from "./tunnels.ts";
+import { Cluster, type ClusterState } from "./cluster.ts";
+import { Forward, Peers } from "./peers.ts";
+import type { MuxStream } from "./mux.ts";
 import { type UserInfo, Users } from "./users.ts";
 import { listenTls, type Stream, type TlsListener } from "./transport.ts";
 import { listenError } from "./listen_error.ts";
@@ -68,6 +71,8 @@ export interface ServerSnapshot {
   users: UserInfo[];
   /** Refused user logins and open requests, by reason, since start. */
   userRefusals: Record<string, number>;
+  /** The cluster as this server sees it, when it is a member of one. */
+  cluster?: ClusterState;
 }
 
 /** A running NATadm server. */
@@ -80,6 +85,10 @@ export class Server {
   readonly #listeners: ServiceListeners;
   readonly #login: Login;
   readonly #users: Users;
+  /** This server's records in etcd and its copy of the cluster's (a cluster member only). */
+  readonly #cluster: Cluster | undefined;
+  /** Links to the other servers of the cluster (a cluster member only). */
+  readonly #peers: Peers | undefined;
   /** Connections past the TLS handshake whose login is not finished. */
   #unauthenticated = 0;
   /** Connections still logging in, closed with the server. */
@@ -90,13 +99,75 @@ export class Server {
     this.#config = config;
     const current = () => this.#config;
     this.#tunnels = new Tunnels(current);
-    this.#pairing = new Pairing(current, this.#registry, this.#tunnels);
+    let forward: ((name: string) => Promise<TunnelTarget | undefined>) | undefined;
+    if (config.cluster && config.registry.source === "etcd") {
+      this.#cluster = new Cluster(config.cluster, config.registry);
+      this.#peers = new Peers(
+        config.cluster,
+        config.listenHost,
+        (stream, request) => this.#peerOpen(stream, request),
+      );
+      forward = (name) => this.#forward(name);
+      this.#cluster.onHeld = (name) => {
+        this.#pairing.heldElsewhere(name);
+        this.#users.heldElsewhere(name);
+      };
+    }
+    this.#pairing = new Pairing(current, this.#registry, this.#tunnels, forward);
     this.#listeners = new ServiceListeners(
       config.listenHost,
       (user, service) => this.#pairing.arrive(user, service),
     );
     this.#login = new Login(current);
-    this.#users = new Users(current, this.#registry, this.#tunnels);
+    this.#users = new Users(current, this.#registry, this.#tunnels, forward);
+  }
+
+  /** The peer port actually bound, for a cluster member. */
+  get peerPort(): number | undefined {
+    return this.#peers?.port;
+  }
+
+  /**
+   * The way to client `name` through another server of the cluster that holds it: over the
+   * link that is up first, else the first that can be dialled; undefined if none.
+   */
+  async #forward(name: string): Promise<TunnelTarget | undefined> {
+    const peers = this.#peers!;
+    const holders = this.#cluster!.holders(name);
+    holders.sort((a, b) => Number(peers.isUp(b.peer)) - Number(peers.isUp(a.peer)));
+    for (const holder of holders) {
+      try {
+        const mux = await peers.link(holder.peer);
+        if (!mux.closed) return new Forward(name, holder.serverId, mux);
+      } catch (err) {
+        logger.warn("cannot reach server {id} ({peer}) that holds client {client}: {error}", {
+          id: holder.serverId,
+          peer: holder.peer,
+          client: name,
+          error: (err as Error).message,
+        });
+      }
+    }
+    return undefined;
+  }
+
+  /** Another server forwards a user to a client of ours: relay it on the client's connection. */
+  #peerOpen(
+    stream: MuxStream,
+    request: { client: string; port: number; host: string; by: string },
+  ) {
+    const session = this.#registry.get(request.client);
+    if (!session) {
+      return stream.reset(
+        `client ${JSON.stringify(request.client)} is not connected to server ` +
+          this.#config.cluster!.serverId,
+      );
+    }
+    const busy = this.#tunnels.userRefusal(request.client);
+    if (busy) return stream.reset(busy);
+    this.#tunnels.runUser(request.by, stream, session, request.port, request.host).catch((err) =>
+      stream.reset(`cannot reach client ${JSON.stringify(request.client)}: ${err.message}`)
+    );
   }
 
   /** The communication port actually bound. */
@@ -132,6 +203,15 @@ export class Server {
       });
     } catch (err) {
       throw listenError(listenHost, communicationPort, "communication_port", err);
+    }
+    if (this.#peers) {
+      try {
+        await this.#peers.listen();
+      } catch (err) {
+        this.close();
+        throw err;
+      }
+      this.#cluster!.start();
     }
     for (const service of this.#config.services) {
       try {
@@ -188,6 +268,8 @@ export class Server {
    */
   async shutdown(graceMs: number): Promise<void> {
     this.#stopListening();
+    // Other servers stop forwarding here at once, instead of when the lease runs out.
+    await this.#cluster?.close();
     for (const session of this.#registry.all()) {
       session.leaving = true;
       session.mux.sendControl({ type: "goodbye", reason: "the server is shutting down" })
@@ -221,6 +303,8 @@ export class Server {
     this.#pairing.close();
     this.#users.close();
     for (const stream of this.#connecting) stream.close();
+    this.#peers?.close();
+    this.#cluster?.close();
   }
 
   /** The server's state right now: clients, services, live tunnels and counters. */
@@ -262,6 +346,10 @@ export class Server {
       authFailures: this.#login.failures,
       users: this.#users.list(live),
       userRefusals: Object.fromEntries([...this.#login.userFailures, ...this.#users.refusals]),
+      cluster: this.#cluster?.state(
+        live.filter((t) => t.via !== undefined).length,
+        this.#tunnels.forwardedTotal,
+      ),
     };
   }
 
@@ -332,6 +420,7 @@ export class Server {
         if (session && !session.ready) {
           // The client heard welcome and answered: users may be paired with it now.
           session.ready = true;
+          this.#cluster?.hold(session.name);
           this.#pairing.connected(session);
           this.#users.clientReady(session);
         }
@@ -345,6 +434,7 @@ export class Server {
           });
           session.leaving = true;
           this.#registry.remove(session);
+          if (!this.#registry.has(hello.name)) this.#cluster?.release(hello.name);
           mux.closeWhenIdle(new Error(`client said: ${message.reason}`));
           return;
         }
@@ -374,6 +464,7 @@ export class Server {
     mux.startHeartbeat(hello.interval * 1000);
     const reason = await mux.run();
     this.#registry.remove(session);
+    if (session.ready && !this.#registry.has(hello.name)) this.#cluster?.release(hello.name);
     logger.info("client {name} disconnected ({reason})", {
       name: hello.name,
       reason: reason.message,

@@ -99,6 +99,8 @@ export interface TunnelStatus {
   bytes_up: number;
   /** Bytes relayed down so far. */
   bytes_down: number;
+  /** The server of the cluster it is forwarded to; null when the client is connected here. */
+  via: string | null;
 }
 
 /** A named user's live tunnel in `/status.json`; up is user → client, down the reverse. */
@@ -147,6 +149,22 @@ export interface StatusDocument {
   user_refusals: Record<string, number>;
   /** Where clients and services come from (file or etcd), and whether it is reachable. */
   registry: RegistryStatus | null;
+  /** The cluster as this server sees it; null when it is no member of one. */
+  cluster: ClusterStatus | null;
+}
+
+/** The cluster in `/status.json`. */
+export interface ClusterStatus {
+  /** This server's id (`server_id`). */
+  self: string;
+  /** Ids of the servers with a live lease in etcd. */
+  members: string[];
+  /** Client name → ids of the servers that hold it. */
+  held: Record<string, string[]>;
+  /** Live tunnels this server forwards to another one. */
+  forwarded: number;
+  /** Tunnels forwarded to another server since start. */
+  forwarded_total: number;
 }
 
 /** The registry in `/status.json`. */
@@ -201,7 +219,17 @@ export function statusDocument(snap: StatusSnapshot, now = Date.now()): StatusDo
       started: new Date(t.started).toISOString(),
       bytes_up: t.bytesUp,
       bytes_down: t.bytesDown,
+      via: t.via ?? null,
     })),
+    cluster: snap.cluster
+      ? {
+        self: snap.cluster.self,
+        members: snap.cluster.members,
+        held: snap.cluster.held,
+        forwarded: snap.cluster.forwarded,
+        forwarded_total: snap.cluster.forwardedTotal,
+      }
+      : null,
     registry: snap.registry
       ? {
         source: snap.registry.source,
@@ -347,6 +375,27 @@ export function metricsText(snap: ServerSnapshot, now = Date.now()): string {
     "User logins and tunnel requests refused, by reason.",
     Object.entries(snap.userRefusals).map(([reason, n]) => [{ reason }, n]),
   );
+  if (snap.cluster) {
+    const c = snap.cluster;
+    m.family("natadm_cluster_members", "gauge", "Servers of the cluster with a live lease.", [
+      [{}, c.members.length],
+    ]);
+    m.family(
+      "natadm_cluster_client_holders",
+      "gauge",
+      "Servers of the cluster that hold each client.",
+      Object.entries(c.held).map(([client, ids]) => [{ client }, ids.length]),
+    );
+    m.family("natadm_forwarded_tunnels", "gauge", "Live tunnels forwarded to another server.", [
+      [{}, c.forwarded],
+    ]);
+    m.family(
+      "natadm_forwarded_tunnels_total",
+      "counter",
+      "Tunnels forwarded to another server since start.",
+      [[{}, c.forwardedTotal]],
+    );
+  }
   return m.text();
 }
 

@@ -367,6 +367,11 @@ export interface ListenTlsOptions {
   key: string;
   /** Called with every connection whose TLS handshake finished in time. */
   onConnection: (stream: Stream) => void;
+  /**
+   * PEM of a CA: every connection must then present a client certificate it signed (mutual
+   * TLS, as between the servers of a cluster); one without is refused in the handshake.
+   */
+  clientCa?: string;
   /** Unread bytes a new connection may have waiting before it is closed (see limitUnread). */
   firstUnreadLimit?: number;
   /** Called when a connection fails before its handshake completes. */
@@ -426,6 +431,9 @@ export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
       key,
       minVersion: "TLSv1.2",
       allowHalfOpen: true,
+      ...(options.clientCa
+        ? { ca: options.clientCa, requestCert: true, rejectUnauthorized: true }
+        : {}),
       // Ends with "tlsClientError", where the socket is destroyed.
       handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
     });

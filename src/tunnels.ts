@@ -4,13 +4,27 @@
  * @module
  */
 import type { ServerConfig, ServiceConfig } from "./config.ts";
-import { encodeOpen } from "./protocol.ts";
+import type { OpenRequest } from "./protocol.ts";
 import { type MuxStream, relay, type StreamResult } from "./mux.ts";
-import type { Session } from "./registry.ts";
 import type { Stream } from "./transport.ts";
 import { log } from "./log.ts";
 
 const logger = log("server");
+
+/**
+ * Where a tunnel's stream is opened: the client's own connection (a session of this server),
+ * or the link to another server of the cluster that holds the client.
+ */
+export interface TunnelTarget {
+  /** The client's name. */
+  readonly name: string;
+  /** The id of the server that holds the client, when it is not this one. */
+  readonly via?: string;
+  /** Whether the connection under it is gone. */
+  readonly closed: boolean;
+  /** Opens a stream to `host:port` on the client's side, for `user`. */
+  open(request: OpenRequest): MuxStream;
+}
 
 /** A live tunnel as the status page shows it. */
 export interface TunnelInfo {
@@ -27,6 +41,8 @@ export interface TunnelInfo {
   port?: number;
   /** Unix time in ms when the tunnel opened. */
   started: number;
+  /** The server it is forwarded to, when another server of the cluster holds the client. */
+  via?: string;
   /** Bytes from the user to the client's service so far. */
   bytesUp: number;
   /** Bytes from the client's service to the user so far. */
@@ -49,6 +65,8 @@ export class Tunnels {
   #byAddress = new Map<string, number>();
   #totals = new Map<number, ServiceTotals>();
   #onDrained: (() => void) | undefined;
+  /** Tunnels forwarded to another server since start. */
+  forwardedTotal = 0;
 
   constructor(config: () => ServerConfig) {
     this.#config = config;
@@ -73,13 +91,13 @@ export class Tunnels {
     return null;
   }
 
-  /** Opens a stream on `session` for `user` and relays the two until both ends are done. */
-  async run(user: Stream, session: Session, service: ServiceConfig): Promise<StreamResult> {
-    const stream = session.mux.open(encodeOpen({
+  /** Opens a stream on `target` for `user` and relays the two until both ends are done. */
+  async run(user: Stream, target: TunnelTarget, service: ServiceConfig): Promise<StreamResult> {
+    const stream = target.open({
       host: service.host,
       port: service.targetPort,
       user: user.remote,
-    }));
+    });
     const started = performance.now();
     const info: TunnelInfo = {
       id: ++this.#seq,
@@ -91,18 +109,27 @@ export class Tunnels {
       bytesUp: 0,
       bytesDown: 0,
     };
+    if (target.via) {
+      info.via = target.via;
+      this.forwardedTotal++;
+    }
     this.#live.set(info, stream);
     bump(this.#byClient, service.name, 1);
     bump(this.#byAddress, user.remoteIp, 1);
     // Bytes first, then the log line: formatting it is no reason for the user to wait.
     const relayed = relay(user, stream);
-    logger.info("tunnel open: user {user} → service {port} → client {client} {target}", {
-      user: user.remote,
-      by: user.remote,
-      port: service.port,
-      client: service.name,
-      target: `${service.host}:${service.targetPort}`,
-    });
+    logger.info(
+      "tunnel open: user {user} → service {port} → client {client} {target}" +
+        (target.via ? " via server {via}" : ""),
+      {
+        user: user.remote,
+        by: user.remote,
+        port: service.port,
+        client: service.name,
+        target: `${service.host}:${service.targetPort}`,
+        via: target.via,
+      },
+    );
     const result = await relayed;
     this.#live.delete(info);
     bump(this.#byClient, service.name, -1);
@@ -152,18 +179,20 @@ export class Tunnels {
   }
 
   /**
-   * Opens a stream on `session` to `localhost:port` for user `by` (a name that logged in) and
-   * relays it with the user's own stream until both ends are done. A reset from the client,
-   * or any other cut, reaches the user as a reset with the reason. Resolves with whether the
-   * client refused the port.
+   * Opens a stream on `session` to `host:port` (`localhost` unless given) for user `by` (a
+   * name that logged in, or for a stream from a peer server, whoever it forwards) and relays
+   * it with the user's own stream until both ends are done. A reset from the client, or any
+   * other cut, reaches the user as a reset with the reason. Resolves with whether the client
+   * refused the port.
    */
   async runUser(
     by: string,
     userStream: MuxStream,
-    session: Session,
+    session: TunnelTarget,
     port: number,
+    host = "localhost",
   ): Promise<boolean> {
-    const stream = session.mux.open(encodeOpen({ host: "localhost", port, user: by }));
+    const stream = session.open({ host, port, user: by });
     const started = performance.now();
     const info: TunnelInfo = {
       id: ++this.#seq,
@@ -176,6 +205,10 @@ export class Tunnels {
       bytesUp: 0,
       bytesDown: 0,
     };
+    if (session.via) {
+      info.via = session.via;
+      this.forwardedTotal++;
+    }
     this.#live.set(info, stream);
     bump(this.#byClient, session.name, 1);
     // The user's stream as the relay's local end, except that closing it is left to us: a
@@ -198,7 +231,7 @@ export class Tunnels {
     // Reset by the client before a byte came back (not cut by the user or a lost connection):
     // it could not, or would not, connect.
     const refused = result.error !== undefined && result.received === 0 &&
-      !session.mux.closed && !userStream.isClosed();
+      !session.closed && !userStream.isClosed();
     if (result.error) {
       userStream.reset(
         refused

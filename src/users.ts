@@ -17,8 +17,9 @@ import {
   type UserOpen,
 } from "./protocol.ts";
 import { Mux, type MuxStream } from "./mux.ts";
-import type { Registry, Session } from "./registry.ts";
-import type { TunnelInfo, Tunnels } from "./tunnels.ts";
+import type { Registry } from "./registry.ts";
+import type { TunnelInfo, Tunnels, TunnelTarget } from "./tunnels.ts";
+import type { Forwarder } from "./pairing.ts";
 import { log } from "./log.ts";
 
 const logger = log("server");
@@ -62,15 +63,23 @@ export class Users {
   #live = new Map<string, number>();
   /** Requests waiting for a client, by user name. */
   #waiting = new Map<string, number>();
-  /** Wake-ups of waiting requests, by client name. */
-  #waiters = new Map<string, Set<() => void>>();
+  /** Wake-ups of waiting requests, by client name (with the way to it, if not here). */
+  #waiters = new Map<string, Set<(target?: TunnelTarget) => void>>();
+  #forward: Forwarder | undefined;
   /** Refused open requests by reason, since start. */
   readonly refusals = new Map<string, number>();
 
-  constructor(config: () => ServerConfig, registry: Registry, tunnels: Tunnels) {
+  /** @param forward where a cluster member finds a client another server holds */
+  constructor(
+    config: () => ServerConfig,
+    registry: Registry,
+    tunnels: Tunnels,
+    forward?: Forwarder,
+  ) {
     this.#config = config;
     this.#registry = registry;
     this.#tunnels = tunnels;
+    this.#forward = forward;
   }
 
   /** Serves a logged-in user's connection until it ends. */
@@ -131,6 +140,21 @@ export class Users {
     }
     const session = this.#registry.get(request.client);
     if (session) return this.#start(name, stream, request, session);
+    if (this.#forward) {
+      // Another server of the cluster may hold it.
+      this.#forward(request.client).then((target) => {
+        if (stream.isClosed()) return;
+        const local = this.#registry.get(request.client); // connected here meanwhile: it wins
+        if (local ?? target) this.#start(name, stream, request, (local ?? target)!);
+        else this.#await(name, stream, request);
+      });
+      return;
+    }
+    this.#await(name, stream, request);
+  }
+
+  /** No server holds the client: refuse, or wait as the request asks. */
+  #await(name: string, stream: MuxStream, request: UserOpen): void {
     const offline = `client ${JSON.stringify(request.client)} is not connected`;
     if (request.wait === 0) return this.#refuse(name, stream, "client_offline", offline);
     const waiting = this.#waiting.get(name) ?? 0;
@@ -164,13 +188,20 @@ export class Users {
     });
   }
 
-  /** Resolves with client `client`'s session once it is ready, or undefined at the deadline. */
-  #waitFor(client: string, ms: number, abandon: Promise<unknown>): Promise<Session | undefined> {
+  /**
+   * Resolves with the way to client `client` once it is ready here or on another server, or
+   * undefined at the deadline.
+   */
+  #waitFor(
+    client: string,
+    ms: number,
+    abandon: Promise<unknown>,
+  ): Promise<TunnelTarget | undefined> {
     return new Promise((resolve) => {
-      const wakes = this.#waiters.get(client) ?? new Set<() => void>();
+      const wakes = this.#waiters.get(client) ?? new Set<(target?: TunnelTarget) => void>();
       this.#waiters.set(client, wakes);
       let done = false;
-      const finish = (session: Session | undefined) => {
+      const finish = (session: TunnelTarget | undefined) => {
         if (done) return;
         done = true;
         clearTimeout(timer);
@@ -178,8 +209,8 @@ export class Users {
         if (wakes.size === 0 && this.#waiters.get(client) === wakes) this.#waiters.delete(client);
         resolve(session);
       };
-      const wake = () => {
-        const session = this.#registry.get(client);
+      const wake = (target?: TunnelTarget) => {
+        const session = this.#registry.get(client) ?? target;
         if (session) finish(session);
       };
       const timer = setTimeout(() => finish(undefined), ms);
@@ -189,11 +220,20 @@ export class Users {
   }
 
   /** Client `session` is ready for tunnels: requests waiting for it go ahead. */
-  clientReady(session: Session): void {
+  clientReady(session: TunnelTarget): void {
     for (const wake of [...this.#waiters.get(session.name) ?? []]) wake();
   }
 
-  #start(name: string, stream: MuxStream, request: UserOpen, session: Session): void {
+  /** Another server of the cluster now holds client `name`: requests waiting for it go there. */
+  heldElsewhere(name: string): void {
+    if (!this.#forward || !this.#waiters.has(name)) return;
+    this.#forward(name).then((target) => {
+      if (!target) return;
+      for (const wake of [...this.#waiters.get(name) ?? []]) wake(target);
+    });
+  }
+
+  #start(name: string, stream: MuxStream, request: UserOpen, session: TunnelTarget): void {
     const live = this.#live.get(name) ?? 0;
     const max = this.#config().maxTunnelsPerUser;
     if (live >= max) {

@@ -10,11 +10,9 @@ import {
   connectRefused,
   connectUser,
   errorLine,
-  findExecutable,
   Fixture,
   freePort,
   type Identity,
-  Process,
   readExactly,
   roundTrip,
   runScript,
@@ -24,56 +22,13 @@ import {
   waitUntil,
 } from "./helpers.ts";
 import { EtcdClient } from "../src/etcd.ts";
+import { ETCD, Etcd } from "./etcd_server.ts";
 
-const ETCD = findExecutable("etcd");
 const ignore = ETCD === undefined;
 if (ignore) console.warn("etcd_test: skipped: no `etcd` binary (apt-get install etcd-server)");
 
 /** How soon a registry change must be in force on a running server. */
 const APPLY_MS = 2000;
-
-/** A single-member etcd on loopback, with its data in `dataDir`. */
-class Etcd {
-  process: Process | undefined;
-  readonly clientPort = freePort();
-  readonly peerPort = freePort();
-
-  constructor(readonly dataDir: string) {}
-
-  get url(): string {
-    return `http://127.0.0.1:${this.clientPort}`;
-  }
-
-  /** Starts etcd (on the same ports and data as before, if it ran) and waits until healthy. */
-  async start(): Promise<void> {
-    const peer = `http://127.0.0.1:${this.peerPort}`;
-    this.process = new Process(ETCD!, [
-      "--name=test",
-      `--data-dir=${this.dataDir}`,
-      `--listen-client-urls=${this.url}`,
-      `--advertise-client-urls=${this.url}`,
-      `--listen-peer-urls=${peer}`,
-      `--initial-advertise-peer-urls=${peer}`,
-      `--initial-cluster=test=${peer}`,
-    ]);
-    await waitUntil(async () => {
-      if (this.process!.exited) {
-        throw new Error(`etcd exited:\n${this.process!.lines.slice(-20).join("\n")}`);
-      }
-      try {
-        const response = await fetch(`${this.url}/health`, { signal: AbortSignal.timeout(1000) });
-        return response.ok && (await response.json()).health === "true";
-      } catch {
-        return false;
-      }
-    }, "etcd to be healthy");
-  }
-
-  /** Kills etcd at once, as a crash would. */
-  async kill(): Promise<void> {
-    await this.process?.stop();
-  }
-}
 
 /** One etcd, an echo target, and helpers to run the admin command and the server against it. */
 async function setup(scope: Scope) {
