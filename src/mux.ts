@@ -40,6 +40,12 @@ const MAX_CONTROL_QUEUE_BYTES = 1024 * 1024;
  */
 const GROW_DRAIN_MS = 5;
 
+/** The largest window on a connection with a short round trip (a LAN, loopback). */
+const LAN_WINDOW = 256 * 1024;
+
+/** Window allowed per millisecond of the connection's round trip (about 500 Mbit/s). */
+const WINDOW_PER_RTT_MS = 64 * 1024;
+
 /** A window grows only while its stream's bytes wait in the path at most this long. */
 const GROW_QUEUE_MS = 2;
 
@@ -295,8 +301,10 @@ export class MuxStream implements Stream {
     if (this.#sinkBusy) return;
     if (this.#in.length > 0) {
       this.#sinkBusy = true;
+      const joined = this.#in.length > 1 && this.#in[0].length < SINK_WRITE_BYTES;
       const chunk = this.#take(SINK_WRITE_BYTES);
       this.#sink.write(chunk).then(() => {
+        if (joined) release(chunk);
         this.#sinkBusy = false;
         this.#consumed(chunk.length);
         this.#deliver();
@@ -325,12 +333,7 @@ export class MuxStream implements Stream {
     while (count < this.#in.length && size + this.#in[count].length <= max) {
       size += this.#in[count++].length;
     }
-    const out = new Uint8Array(size);
-    let at = 0;
-    for (const part of this.#in.splice(0, count)) {
-      out.set(part, at);
-      at += part.length;
-    }
+    const out = concat(this.#in.splice(0, count), size);
     this.#inBytes -= size;
     return out;
   }
@@ -374,7 +377,7 @@ export class MuxStream implements Stream {
    *
    * The window adapts to the path. When the peer says it was blocked and everything it sent
    * was delivered at once, the window may be what holds it back: it doubles (within
-   * {@link MAX_WINDOW} and the budget) if the bytes that followed our last grant came within a
+   * the mux's `maxWindow` and the budget) if the bytes that followed our last grant came within a
    * round trip plus {@link GROW_QUEUE_MS}, that is, if little of this connection waits in the
    * path. If they took much longer, the path itself is full (the window only queues bytes
    * ahead of other streams' bytes), and the window halves again.
@@ -396,7 +399,7 @@ export class MuxStream implements Stream {
         this.#mux.budget.release(this.#window);
       } else if (
         quick && queued <= GROW_QUEUE_MS && this.#delivered >= GROW_AFTER_BYTES &&
-        this.#window < MAX_WINDOW && this.#mux.budget.take(this.#window)
+        this.#window < this.#mux.maxWindow && this.#mux.budget.take(this.#window)
       ) {
         grow = this.#window;
         this.#window *= 2;
@@ -501,6 +504,13 @@ export class Mux {
   readonly link: Stream;
   readonly budget: WindowBudget;
   readonly rttMs: number;
+  /**
+   * The largest a receive window grows on this connection: enough for a fast stream over its
+   * round trip ({@link WINDOW_PER_RTT_MS} per millisecond of it), at least {@link LAN_WINDOW},
+   * at most {@link MAX_WINDOW}. Every byte of a window in flight can stand in the path ahead
+   * of another stream's byte, so a short link keeps windows short.
+   */
+  readonly maxWindow: number;
   readonly streams = new Map<number, MuxStream>();
   /** Time of the last frame from the peer (performance.now()). */
   lastHeard = performance.now();
@@ -523,6 +533,10 @@ export class Mux {
     this.#events = events;
     this.#maxStreams = options.maxStreams;
     this.rttMs = options.rttMs;
+    this.maxWindow = Math.min(
+      MAX_WINDOW,
+      Math.max(LAN_WINDOW, 2 ** Math.ceil(Math.log2(options.rttMs * WINDOW_PER_RTT_MS))),
+    );
     this.budget = options.budget ?? DEFAULT_BUDGET;
   }
 
@@ -702,9 +716,11 @@ export class Mux {
           this.ready(stream);
         }
         if (parts.length === 0) break;
-        const batch = parts.length === 1 ? parts[0] : concat(parts, size);
+        const joined = parts.length > 1;
+        const batch = joined ? concat(parts, size) : parts[0];
         for (const resolve of done) resolve();
         await this.link.write(batch);
+        if (joined) release(batch);
       }
     } catch (err) {
       this.close(err as Error);
@@ -763,8 +779,33 @@ export class Mux {
   }
 }
 
+/** Size of the pooled buffers that batches and joined chunks are assembled in. */
+const POOL_BUFFER_BYTES = Math.max(BATCH_BYTES, SINK_WRITE_BYTES);
+
+/** Pooled buffers kept for reuse at most (4 MiB). */
+const POOL_MAX = 16;
+
+/**
+ * Large buffers for one write each, reused once that write is done: a bulk transfer then
+ * allocates (and the garbage collector reclaims) almost nothing per batch.
+ */
+const pool: Uint8Array[] = [];
+
+/** A buffer of at least `size` bytes (pooled above 16 KiB); {@link release} it after use. */
+function borrow(size: number): Uint8Array {
+  if (size <= 16 * 1024) return new Uint8Array(size);
+  return (pool.pop() ?? new Uint8Array(POOL_BUFFER_BYTES)).subarray(0, size);
+}
+
+/** Returns a buffer from {@link borrow} once nothing refers to it any more. */
+function release(buf: Uint8Array): void {
+  if (buf.buffer.byteLength === POOL_BUFFER_BYTES && pool.length < POOL_MAX) {
+    pool.push(new Uint8Array(buf.buffer));
+  }
+}
+
 function concat(parts: Uint8Array[], size: number): Uint8Array {
-  const out = new Uint8Array(size);
+  const out = borrow(size);
   let at = 0;
   for (const part of parts) {
     out.set(part, at);
