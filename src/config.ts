@@ -665,19 +665,13 @@ export function userRuleFor(rules: UserRule[], client: string, port: number): Us
   );
 }
 
-/** Loads, validates and resolves a user config file (`user.toml`). */
-export async function loadUserConfig(file: string): Promise<UserConfig> {
-  file = configPath(file);
-  const r: Reader = new Reader(file, await readToml(file));
-  r.only(["name", "remote", "cafile", "key", "log_level"]);
+/** What client.toml and user.toml share: a name, the CA to trust, and the private key. */
+async function identity(
+  r: Reader,
+): Promise<{ name: string; caPem: string; key: CryptoKey; readFiles: string[] }> {
   const name = r.string("name");
   const problem = checkName(name);
   if (problem) r.fail("name", problem);
-  const [host, port] = r.pair("remote");
-  if (typeof host !== "string" || !isHost(host)) {
-    r.fail("remote", `expected ["host", port] with a host name or IP, got ${describe(host)}`);
-  }
-  const remotePort = r.port("remote[1]", port);
   const ca = await r.file_("cafile", r.string("cafile"));
   try {
     new X509Certificate(ca.text);
@@ -691,13 +685,27 @@ export async function loadUserConfig(file: string): Promise<UserConfig> {
   } catch (err) {
     r.fail("key", `${keyFile.path} is not an Ed25519 private key: ${(err as Error).message}`);
   }
+  return { name, caPem: ca.text, key, readFiles: [ca.path, keyFile.path] };
+}
+
+/** Loads, validates and resolves a user config file (`user.toml`). */
+export async function loadUserConfig(file: string): Promise<UserConfig> {
+  file = configPath(file);
+  const r: Reader = new Reader(file, await readToml(file));
+  r.only(["name", "remote", "cafile", "key", "log_level"]);
+  const [host, port] = r.pair("remote");
+  if (typeof host !== "string" || !isHost(host)) {
+    r.fail("remote", `expected ["host", port] with a host name or IP, got ${describe(host)}`);
+  }
+  const remotePort = r.port("remote[1]", port);
+  const { name, caPem, key, readFiles } = await identity(r);
   return {
     file,
-    readFiles: [ca.path, keyFile.path],
+    readFiles,
     name,
     remoteHost: host,
     remotePort,
-    caPem: ca.text,
+    caPem,
     key,
     logLevel: r.logLevel(),
   };
@@ -942,32 +950,17 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
     "max_tunnels",
     "log_level",
   ]);
-  const name = r.string("name");
-  const problem = checkName(name);
-  if (problem) r.fail("name", problem);
   const remotes = clientRemotes(r);
   const [host, remotePort] = remotes[0];
-  const ca = await r.file_("cafile", r.string("cafile"));
-  try {
-    new X509Certificate(ca.text);
-  } catch (err) {
-    r.fail("cafile", `${ca.path} is not a PEM certificate: ${(err as Error).message}`);
-  }
-  const keyFile = await r.file_("key", r.string("key"), true);
-  let key: CryptoKey;
-  try {
-    key = await importPrivateKey(keyFile.text);
-  } catch (err) {
-    r.fail("key", `${keyFile.path} is not an Ed25519 private key: ${(err as Error).message}`);
-  }
+  const { name, caPem, key, readFiles } = await identity(r);
   return {
     file,
-    readFiles: [ca.path, keyFile.path],
+    readFiles,
     name,
     remoteHost: host,
     remotePort,
     remotes,
-    caPem: ca.text,
+    caPem,
     key,
     interval: r.seconds("interval", 5, 3600),
     infinite: r.boolean("infinite", true),
