@@ -423,6 +423,38 @@ function statusPort(r: Reader, communicationPort: number, services: Set<number>)
   return port;
 }
 
+/**
+ * Reads `key` = [certificate, private key] files: a PEM certificate and the PEM private key
+ * that belongs to it, each error naming `key[0]` or `key[1]`.
+ */
+async function certificatePair(r: Reader, key: string): Promise<{
+  cert: { path: string; text: string };
+  privateKey: { path: string; text: string };
+  x509: X509Certificate;
+}> {
+  const [certPath, keyPath] = r.pair(key);
+  const cert = await r.file_(`${key}[0]`, certPath);
+  const privateKey = await r.file_(`${key}[1]`, keyPath, true);
+  let x509: X509Certificate;
+  try {
+    x509 = new X509Certificate(cert.text);
+  } catch (err) {
+    r.fail(`${key}[0]`, `${cert.path} is not a PEM certificate: ${(err as Error).message}`);
+  }
+  try {
+    if (!x509.checkPrivateKey(createPrivateKey(privateKey.text))) {
+      r.fail(`${key}[1]`, `${privateKey.path} is not the private key of ${cert.path}`);
+    }
+  } catch (err) {
+    if (err instanceof ConfigError) throw err;
+    r.fail(
+      `${key}[1]`,
+      `${privateKey.path} is not a PEM private key: ${(err as Error).message}`,
+    );
+  }
+  return { cert, privateKey, x509 };
+}
+
 /** Loads, validates and resolves a server config file. */
 export async function loadServerConfig(file: string): Promise<ServerConfig> {
   file = configPath(file);
@@ -462,33 +494,7 @@ export async function loadServerConfig(file: string): Promise<ServerConfig> {
     "services",
   ]);
   const communicationPort = r.port("communication_port");
-  const [certPath, keyPath] = r.pair("communication_server_certificate");
-  const cert = await r.file_("communication_server_certificate[0]", certPath);
-  const key = await r.file_("communication_server_certificate[1]", keyPath, true);
-  let certificate: X509Certificate;
-  try {
-    certificate = new X509Certificate(cert.text);
-  } catch (err) {
-    r.fail(
-      "communication_server_certificate[0]",
-      `${cert.path} is not a PEM certificate: ${(err as Error).message}`,
-    );
-  }
-  try {
-    const privateKey = createPrivateKey(key.text);
-    if (!certificate.checkPrivateKey(privateKey)) {
-      r.fail(
-        "communication_server_certificate[1]",
-        `${key.path} is not the private key of ${cert.path}`,
-      );
-    }
-  } catch (err) {
-    if (err instanceof ConfigError) throw err;
-    r.fail(
-      "communication_server_certificate[1]",
-      `${key.path} is not a PEM private key: ${(err as Error).message}`,
-    );
-  }
+  const { cert, privateKey: key } = await certificatePair(r, "communication_server_certificate");
 
   const registry = await registrySettings(r);
   const readFiles = [cert.path, key.path];
@@ -592,30 +598,11 @@ async function clusterSettings(
   if (!r.has("peer_certificate")) {
     r.fail("peer_certificate", "required with peer_port, expected [certificate, key] files");
   }
-  const [certPath, keyPath] = r.pair("peer_certificate");
-  const cert = await r.file_("peer_certificate[0]", certPath);
-  const key = await r.file_("peer_certificate[1]", keyPath, true);
+  const { cert, privateKey: key, x509: certificate } = await certificatePair(
+    r,
+    "peer_certificate",
+  );
   const ca = await r.file_("peer_cafile", r.string("peer_cafile"));
-  let certificate: X509Certificate;
-  try {
-    certificate = new X509Certificate(cert.text);
-  } catch (err) {
-    r.fail(
-      "peer_certificate[0]",
-      `${cert.path} is not a PEM certificate: ${(err as Error).message}`,
-    );
-  }
-  try {
-    if (!certificate.checkPrivateKey(createPrivateKey(key.text))) {
-      r.fail("peer_certificate[1]", `${key.path} is not the private key of ${cert.path}`);
-    }
-  } catch (err) {
-    if (err instanceof ConfigError) throw err;
-    r.fail(
-      "peer_certificate[1]",
-      `${key.path} is not a PEM private key: ${(err as Error).message}`,
-    );
-  }
   let caCert: X509Certificate;
   try {
     caCert = new X509Certificate(ca.text);
