@@ -85,7 +85,7 @@ if (etcd) {
     die("natadm-server", (err as Error).message)
   );
 }
-const server = new Server(compose(config, registry));
+const server = new Server(compose(config, registry), etcd);
 await server.start().catch((err) => die("natadm-server", (err as Error).message));
 // The status page (status_port): started once; a reload does not move it.
 const statusConfig = config.status;

@@ -146,6 +146,12 @@ export class Cluster {
       .map(([serverId, peer]) => ({ serverId, peer }));
   }
 
+  /** `host:peer_port` of every other member with a live lease, as etcd last said. */
+  memberPeers(): string[] {
+    return [...this.#members].filter(([id]) => id !== this.settings.serverId)
+      .map(([, peer]) => peer);
+  }
+
   /** This server now holds `client`: record it. */
   hold(client: string): void {
     this.#mine.add(client);

@@ -24,6 +24,7 @@ import {
   type RegistryKind,
 } from "./config.ts";
 import { CompactedError, EtcdClient, type KeyValue, type WatchEvent } from "./etcd.ts";
+import type { RegistrySnapshot } from "./protocol.ts";
 import { log } from "./log.ts";
 
 const logger = log("registry");
@@ -102,6 +103,11 @@ export async function readRegistry(
   return { registry, entries, revision };
 }
 
+function sameEntries(a: Record<string, string>, b: Record<string, string>): boolean {
+  const keys = Object.keys(a);
+  return keys.length === Object.keys(b).length && keys.every((key) => b[key] === a[key]);
+}
+
 function toEntries(kvs: KeyValue[]): Map<string, string> {
   return new Map(kvs.map((kv) => [kv.key, kv.value]));
 }
@@ -119,8 +125,23 @@ export const START_DEADLINE_MS = 30_000;
 /** How often a server checks that etcd answers, besides its watch. */
 const PROBE_INTERVAL_MS = 2000;
 
+/**
+ * What a cluster member shares of its registry with the other servers, so one that is cut off
+ * from etcd catches up from a peer that is not (see docs/cluster.md, "Consistency").
+ */
+export interface SharedRegistry {
+  /** The etcd revision this server's copy of the registry reflects. */
+  readonly revision: number;
+  /** The registry's keys and values at that revision. */
+  snapshot(): RegistrySnapshot;
+  /** Takes a peer's newer snapshot as a change from etcd; returns false if it is not newer. */
+  adopt(snapshot: RegistrySnapshot, from: string): boolean;
+  /** Called when a registry key changed (after the revision moved). */
+  onChange: (() => void) | undefined;
+}
+
 /** A server's registry in etcd: loaded once, then watched. */
-export class EtcdRegistry {
+export class EtcdRegistry implements SharedRegistry {
   readonly #etcd: EtcdClient;
   readonly #prefix: string;
   #host: RegistryHost | undefined;
@@ -137,6 +158,8 @@ export class EtcdRegistry {
   #probe: ReturnType<typeof setInterval> | undefined;
   /** Validations run one after another, so states apply in revision order. */
   #queue: Promise<void> = Promise.resolve();
+  /** Called when a registry key changed. */
+  onChange: (() => void) | undefined;
 
   constructor(readonly settings: EtcdSettings) {
     this.#etcd = etcdClientFor(settings);
@@ -146,6 +169,49 @@ export class EtcdRegistry {
   /** Where the registry stands now, for the status page. */
   state(): RegistryState {
     return { ...this.#state, revision: this.#applied };
+  }
+
+  /** The etcd revision this server's copy of the keys reflects. */
+  get revision(): number {
+    return this.#seen;
+  }
+
+  /** The registry's keys and values at {@link revision}. */
+  snapshot(): RegistrySnapshot {
+    const entries: Record<string, string> = {};
+    for (const [key, value] of this.#entries) {
+      if (this.#isRegistryKey(key)) entries[key] = value;
+    }
+    return { revision: this.#seen, entries };
+  }
+
+  /**
+   * A peer's copy at a newer revision (this server could not hear it from etcd): taken as the
+   * registry's keys, validated and applied exactly as a change from etcd. Events the watch
+   * replays later for revisions up to it are skipped.
+   */
+  adopt(snapshot: RegistrySnapshot, from: string): boolean {
+    if (snapshot.revision <= this.#seen) return false;
+    const mine = this.snapshot().entries;
+    const theirs = Object.fromEntries(
+      Object.entries(snapshot.entries).filter(([key]) => this.#isRegistryKey(key)),
+    );
+    if (sameEntries(mine, theirs)) {
+      // Only the cluster's own keys moved on: nothing to apply.
+      this.#seen = snapshot.revision;
+      return true;
+    }
+    for (const key of Object.keys(mine)) this.#entries.delete(key);
+    for (const [key, value] of Object.entries(theirs)) this.#entries.set(key, value);
+    logger.info(
+      "registry taken from peer {peer} at etcd revision {revision} (this server had {seen})",
+      { peer: from, revision: snapshot.revision, seen: this.#seen },
+    );
+    this.#seen = snapshot.revision;
+    const copy = new Map(this.#entries);
+    this.#queue = this.#queue.then(() => this.#validateAndApply(copy, snapshot.revision));
+    this.onChange?.();
+    return true;
   }
 
   /**
@@ -248,15 +314,19 @@ export class EtcdRegistry {
   }
 
   #onEvents(events: WatchEvent[], revision: number): void {
-    for (const { type, kv } of events) {
+    // Revisions a peer's snapshot already brought (adopt) are not applied twice.
+    const fresh = events.filter((e) => e.kv.modRevision > this.#seen);
+    if (revision <= this.#seen) return;
+    for (const { type, kv } of fresh) {
       if (type === "put") this.#entries.set(kv.key, kv.value);
       else this.#entries.delete(kv.key);
     }
     this.#seen = revision;
     // Changes only to keys that are not the registry's (cluster data) need no reload.
-    if (!events.some((e) => this.#isRegistryKey(e.kv.key))) return;
+    if (!fresh.some((e) => this.#isRegistryKey(e.kv.key))) return;
     const snapshot = new Map(this.#entries);
     this.#queue = this.#queue.then(() => this.#validateAndApply(snapshot, revision));
+    this.onChange?.();
   }
 
   #isRegistryKey(key: string): boolean {

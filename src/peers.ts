@@ -5,18 +5,28 @@
  * {@link PeerOpen} payload naming a client the other server holds; the other server relays the
  * stream with a new stream on that client's connection. One link per peer server, reused by
  * every tunnel to it, and dialled again when it fails.
+ *
+ * Each server keeps a link to every member of the cluster and announces, on the links it
+ * accepted, the etcd revision of its registry; the dialling side can then ask for the whole
+ * registry on a stream, which is how a server cut off from etcd catches up from its peers.
  * @module
  */
 import * as tls from "node:tls";
 import type { ClusterSettings } from "./config.ts";
 import {
   decodePeerOpen,
+  decodeSnapshot,
   encodePeerOpen,
+  encodeRegistryRequest,
+  encodeSnapshot,
+  MAX_SNAPSHOT_BYTES,
   type Message,
   type OpenRequest,
   type PeerOpen,
   ProtocolError,
+  type RegistrySnapshot,
 } from "./protocol.ts";
+import type { SharedRegistry } from "./etcd_registry.ts";
 import { Mux, type MuxStream } from "./mux.ts";
 import {
   HANDSHAKE_TIMEOUT_MS,
@@ -36,8 +46,21 @@ const PEER_INTERVAL_MS = 2000;
 /** Streams open at once on one link at most (each side's own limits apply per client). */
 const MAX_PEER_STREAMS = 1 << 20;
 
+/** A peer's registry must arrive within this long. */
+const SNAPSHOT_TIMEOUT_MS = 5000;
+
 /** What the accepting server does with a stream a peer opened. */
 export type PeerOpenHandler = (stream: MuxStream, request: PeerOpen, from: string) => void;
+
+/** What a server gives its peer links. */
+export interface PeerHandlers {
+  /** A peer opened a tunnel to a client of ours. */
+  onOpen: PeerOpenHandler;
+  /** The registry this server announces and hands to peers that ask. */
+  registry?: SharedRegistry;
+  /** A server we dialled (at `peer`, `host:port`) announced its registry's revision. */
+  onRevision?: (peer: string, revision: number) => void;
+}
 
 /** A client another server holds, reached over the peer link to that server. */
 export class Forward implements TunnelTarget {
@@ -67,8 +90,11 @@ export class Forward implements TunnelTarget {
 export class Peers {
   readonly #settings: ClusterSettings;
   readonly #listenHost: string;
-  readonly #onOpen: PeerOpenHandler;
+  readonly #handlers: PeerHandlers;
   #listener: TlsListener | undefined;
+  #tick: ReturnType<typeof setInterval> | undefined;
+  /** Members whose last dial failed (their failure was logged once). */
+  readonly #failing = new Set<string>();
   /** Links this server dialled, by peer address; a pending dial is shared. */
   readonly #links = new Map<string, Promise<Mux>>();
   /** Links this server dialled that are up, by peer address. */
@@ -77,10 +103,83 @@ export class Peers {
   readonly #accepted = new Set<Mux>();
   #closed = false;
 
-  constructor(settings: ClusterSettings, listenHost: string, onOpen: PeerOpenHandler) {
+  constructor(settings: ClusterSettings, listenHost: string, handlers: PeerHandlers) {
     this.#settings = settings;
     this.#listenHost = listenHost;
-    this.#onOpen = onOpen;
+    this.#handlers = handlers;
+  }
+
+  /**
+   * Keeps a link to every member `members()` names (`host:port` of their peer ports, this
+   * server's left out), and announces this server's registry revision on every accepted
+   * link, each heartbeat.
+   */
+  keepLinks(members: () => string[]): void {
+    const tick = () => {
+      for (const peer of members()) {
+        if (this.#links.has(peer)) continue;
+        this.link(peer).then(() => this.#failing.delete(peer), (err) => {
+          if (this.#failing.has(peer)) return;
+          this.#failing.add(peer);
+          logger.warn("cannot link to cluster member {peer}: {error}", {
+            peer,
+            error: (err as Error).message,
+          });
+        });
+      }
+      this.announce();
+    };
+    clearInterval(this.#tick);
+    this.#tick = setInterval(tick, PEER_INTERVAL_MS);
+    tick();
+  }
+
+  /** Tells every server linked to us the revision of our registry. */
+  announce(): void {
+    const registry = this.#handlers.registry;
+    if (!registry) return;
+    for (const mux of this.#accepted) {
+      mux.sendControl({ type: "registry", revision: registry.revision }).catch(() => {});
+    }
+  }
+
+  /** The registry of the server at `peer`, asked for on our link to it. */
+  async fetchRegistry(peer: string): Promise<RegistrySnapshot> {
+    const mux = await this.link(peer);
+    const stream = mux.open(encodeRegistryRequest());
+    const timer = setTimeout(
+      () => stream.reset(`no registry from ${peer} within ${SNAPSHOT_TIMEOUT_MS} ms`),
+      SNAPSHOT_TIMEOUT_MS,
+    );
+    try {
+      await stream.closeWrite();
+      const chunks: Uint8Array[] = [];
+      let size = 0;
+      const buffer = new Uint8Array(64 * 1024);
+      for (;;) {
+        const n = await stream.read(buffer);
+        if (n === null) break;
+        size += n;
+        if (size > MAX_SNAPSHOT_BYTES) {
+          stream.reset("registry snapshot too large");
+          throw new ProtocolError(`peer ${peer}: registry over ${MAX_SNAPSHOT_BYTES} bytes`);
+        }
+        chunks.push(buffer.slice(0, n));
+      }
+      const bytes = new Uint8Array(size);
+      let at = 0;
+      for (const chunk of chunks) {
+        bytes.set(chunk, at);
+        at += chunk.length;
+      }
+      try {
+        return decodeSnapshot(bytes);
+      } catch (err) {
+        throw new ProtocolError(`peer ${peer}: ${(err as Error).message}`);
+      }
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** The peer port actually bound. */
@@ -117,13 +216,14 @@ export class Peers {
     const from = stream.remote;
     const mux: Mux = new Mux(stream, {
       onOpen: (tunnel, payload) => {
-        let request: PeerOpen;
+        let request: ReturnType<typeof decodePeerOpen>;
         try {
           request = decodePeerOpen(payload);
         } catch (err) {
           throw new ProtocolError(`peer ${from}: ${(err as Error).message}`);
         }
-        this.#onOpen(tunnel, request, from);
+        if ("registry" in request) return this.#sendRegistry(tunnel, from);
+        this.#handlers.onOpen(tunnel, request, from);
       },
       onControl: (message: Message) => {
         if (message.type === "ping") return;
@@ -133,12 +233,31 @@ export class Peers {
     this.#accepted.add(mux);
     logger.info("peer link from {remote} up", { remote: from });
     mux.startHeartbeat(PEER_INTERVAL_MS);
+    const registry = this.#handlers.registry;
+    if (registry) {
+      mux.sendControl({ type: "registry", revision: registry.revision }).catch(() => {});
+    }
     const reason = await mux.run();
     this.#accepted.delete(mux);
     logger.info("peer link from {remote} down ({reason})", {
       remote: from,
       reason: reason.message,
     });
+  }
+
+  /** A peer asked for our registry: it goes on the stream, which then ends. */
+  async #sendRegistry(stream: MuxStream, from: string): Promise<void> {
+    const registry = this.#handlers.registry;
+    if (!registry) return stream.reset("this server's registry is not in etcd");
+    try {
+      await stream.write(encodeSnapshot(registry.snapshot()));
+      await stream.closeWrite();
+    } catch (err) {
+      logger.info("registry for peer {remote} not sent: {error}", {
+        remote: from,
+        error: (err as Error).message,
+      });
+    }
   }
 
   /** The link to the server at `peer` (`host:port`): the open one, or a new one. */
@@ -203,6 +322,7 @@ export class Peers {
     const mux = new Mux(stream, {
       onControl: (message: Message) => {
         if (message.type === "ping") return;
+        if (message.type === "registry") return this.#handlers.onRevision?.(peer, message.revision);
         throw new ProtocolError(`unexpected "${message.type}" from peer ${peer}`);
       },
     }, { maxStreams: MAX_PEER_STREAMS, rttMs: performance.now() - started });
@@ -215,6 +335,7 @@ export class Peers {
   /** Stops listening and closes every link. */
   close(): void {
     this.#closed = true;
+    clearInterval(this.#tick);
     this.#listener?.close();
     for (const mux of this.#accepted) mux.close(new Error("server closed"));
     for (const dial of this.#links.values()) {

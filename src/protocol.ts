@@ -200,6 +200,37 @@ export interface PeerOpen {
   by: string;
 }
 
+/**
+ * A peer link's control message from the server that accepted the link: the etcd revision its
+ * registry reflects. Sent when the link comes up, when the registry changes, and every
+ * heartbeat, so a server cut off from etcd learns that its registry is behind.
+ */
+export interface RegistryRevision {
+  type: "registry";
+  revision: number;
+}
+
+/**
+ * Payload of an OPEN frame on a peer link asking for the other server's registry: it answers
+ * on the stream with one {@link RegistrySnapshot} as JSON, then ends it.
+ */
+export interface RegistryRequest {
+  registry: true;
+}
+
+/** A server's registry as etcd keys and values at one revision, sent between peers. */
+export interface RegistrySnapshot {
+  revision: number;
+  /** Every registry key (clients, services, users) under the prefix → its JSON value. */
+  entries: Record<string, string>;
+}
+
+/** Largest registry snapshot a peer may send. */
+export const MAX_SNAPSHOT_BYTES = 32 * 1024 * 1024;
+
+/** Largest etcd revision a peer may announce (etcd's are 64-bit; JSON keeps 2^53 exact). */
+const MAX_REVISION = Number.MAX_SAFE_INTEGER;
+
 /** Longest a user's open request may wait for its client, in seconds. */
 export const MAX_USER_WAIT_S = 3600;
 
@@ -207,7 +238,16 @@ export const MAX_USER_WAIT_S = 3600;
 export const USER_INTERVAL_S = 30;
 
 /** Every message of the handshake and control phase. */
-export type Message = Hello | UserHello | Challenge | Auth | Welcome | Refused | Ping | Goodbye;
+export type Message =
+  | Hello
+  | UserHello
+  | Challenge
+  | Auth
+  | Welcome
+  | Refused
+  | Ping
+  | Goodbye
+  | RegistryRevision;
 
 /** Raised for any frame that breaks the protocol; the message says what was wrong. */
 export class ProtocolError extends Error {
@@ -431,6 +471,9 @@ export function decodeMessage(payload: Uint8Array): Message {
     case "goodbye":
       expectKeys(o, type, ["reason"]);
       return { type, reason: str(o, "reason", MAX_REASON_BYTES) };
+    case "registry":
+      expectKeys(o, type, ["revision"]);
+      return { type, revision: int(o, "revision", 0, MAX_REVISION) };
     default:
       fail(`unknown message type ${JSON.stringify(type)?.slice(0, 40)}`);
   }
@@ -472,9 +515,22 @@ export function encodePeerOpen(request: PeerOpen): Uint8Array {
   return encoder.encode(JSON.stringify(request));
 }
 
-/** Parses and strictly validates the payload of an OPEN frame on a peer link. */
-export function decodePeerOpen(payload: Uint8Array): PeerOpen {
+/** Serialises a peer link's request for the registry into an OPEN frame's payload. */
+export function encodeRegistryRequest(): Uint8Array {
+  return encoder.encode(JSON.stringify({ registry: true } satisfies RegistryRequest));
+}
+
+/**
+ * Parses and strictly validates the payload of an OPEN frame on a peer link: a tunnel to a
+ * client, or a request for the registry.
+ */
+export function decodePeerOpen(payload: Uint8Array): PeerOpen | RegistryRequest {
   const o = parseObject(payload, "peer open request");
+  if ("registry" in o) {
+    expectKeys(o, "", ["registry"]);
+    if (o.registry !== true) fail(`field "registry" must be true`);
+    return { registry: true };
+  }
   expectKeys(o, "", ["client", "port", "host", "by"]);
   const client = str(o, "client", MAX_NAME_BYTES);
   const problem = checkName(client);
@@ -485,6 +541,30 @@ export function decodePeerOpen(payload: Uint8Array): PeerOpen {
     host: host(o, "host"),
     by: str(o, "by", MAX_NAME_BYTES),
   };
+}
+
+/** Serialises a registry snapshot for a peer. */
+export function encodeSnapshot(snapshot: RegistrySnapshot): Uint8Array {
+  return encoder.encode(JSON.stringify(snapshot));
+}
+
+/** Parses and strictly validates a peer's registry snapshot (keys and values are strings). */
+export function decodeSnapshot(bytes: Uint8Array): RegistrySnapshot {
+  if (bytes.length > MAX_SNAPSHOT_BYTES) fail(`registry snapshot over ${MAX_SNAPSHOT_BYTES} bytes`);
+  const o = parseObject(bytes, "registry snapshot");
+  expectKeys(o, "", ["revision", "entries"]);
+  const entries = o.entries;
+  if (typeof entries !== "object" || entries === null || Array.isArray(entries)) {
+    fail(`field "entries" must be an object`);
+  }
+  const out: Record<string, string> = {};
+  for (const [key, value] of Object.entries(entries as Record<string, unknown>)) {
+    if (typeof value !== "string") {
+      fail(`entry ${JSON.stringify(key).slice(0, 80)} is not a string`);
+    }
+    out[key] = value;
+  }
+  return { revision: int(o, "revision", 0, MAX_REVISION), entries: out };
 }
 
 /** Writes a mux frame header into `out` at `at`. */

@@ -27,6 +27,8 @@ import { Pairing } from "./pairing.ts";
 import { type TunnelInfo, Tunnels, type TunnelTarget } from "./tunnels.ts";
 import { Cluster, type ClusterState } from "./cluster.ts";
 import { Forward, Peers } from "./peers.ts";
+import type { SharedRegistry } from "./etcd_registry.ts";
+import { RegistrySync } from "./registry_sync.ts";
 import type { MuxStream } from "./mux.ts";
 import { type UserInfo, Users } from "./users.ts";
 import { listenTls, type Stream, type TlsListener } from "./transport.ts";
@@ -89,24 +91,35 @@ export class Server {
   readonly #cluster: Cluster | undefined;
   /** Links to the other servers of the cluster (a cluster member only). */
   readonly #peers: Peers | undefined;
+  /** Catches this server's registry up from a peer's when it falls behind. */
+  readonly #sync: RegistrySync | undefined;
   /** Connections past the TLS handshake whose login is not finished. */
   #unauthenticated = 0;
   /** Connections still logging in, closed with the server. */
   #connecting = new Set<Stream>();
   readonly #started = Date.now();
 
-  constructor(config: ServerConfig) {
+  /**
+   * @param shared the registry in etcd, for a cluster member: announced to its peers, and
+   * caught up from them when this server falls behind
+   */
+  constructor(config: ServerConfig, shared?: SharedRegistry) {
     this.#config = config;
     const current = () => this.#config;
     this.#tunnels = new Tunnels(current);
     let forward: ((name: string) => Promise<TunnelTarget | undefined>) | undefined;
     if (config.cluster && config.registry.source === "etcd") {
       this.#cluster = new Cluster(config.cluster, config.registry);
-      this.#peers = new Peers(
-        config.cluster,
-        config.listenHost,
-        (stream, request) => this.#peerOpen(stream, request),
-      );
+      const sync = shared
+        ? new RegistrySync(shared, (peer) => this.#peers!.fetchRegistry(peer))
+        : undefined;
+      this.#sync = sync;
+      this.#peers = new Peers(config.cluster, config.listenHost, {
+        onOpen: (stream, request) => this.#peerOpen(stream, request),
+        registry: shared,
+        onRevision: (peer, revision) => sync?.heard(peer, revision),
+      });
+      if (shared) shared.onChange = () => this.#peers?.announce();
       forward = (name) => this.#forward(name);
       this.#cluster.onHeld = (name) => {
         this.#pairing.heldElsewhere(name);
@@ -212,6 +225,7 @@ export class Server {
         throw err;
       }
       this.#cluster!.start();
+      this.#peers.keepLinks(() => this.#cluster!.memberPeers());
     }
     for (const service of this.#config.services) {
       try {
@@ -303,6 +317,7 @@ export class Server {
     this.#pairing.close();
     this.#users.close();
     for (const stream of this.#connecting) stream.close();
+    this.#sync?.close();
     this.#peers?.close();
     this.#cluster?.close();
   }

@@ -12,9 +12,13 @@ import * as tls from "node:tls";
 import {
   decodeMessage,
   decodeOpen,
+  decodePeerOpen,
+  decodeSnapshot,
   encodeFrame,
   encodeMessage,
   encodeOpen,
+  encodePeerOpen,
+  encodeSnapshot,
   FramedStream,
   type FrameKind,
   FrameParser,
@@ -102,6 +106,7 @@ function validMessages(r: Random, name = "foo bar"): Message[] {
     { type: "refused", reason: "no", retry: true },
     { type: "ping" },
     { type: "goodbye", reason: "bye" },
+    { type: "registry", revision: 12 },
   ];
 }
 
@@ -371,6 +376,31 @@ Deno.test("the OPEN decoder only ever throws ProtocolError, on 10,000 mutated re
     assert.deepEqual(decodeOpen(encodeOpen(request)), request, `seed ${SEED + 10}`);
   }
   assert.ok(accepted > 0, `seed ${SEED + 10}: nothing decoded`);
+});
+
+Deno.test("the peer link's decoders only ever throw ProtocolError, on 10,000 mutated payloads", () => {
+  const r = new Random(SEED + 20);
+  const open = { client: "web", port: 22, host: "localhost", by: "admin" };
+  const snapshot = { revision: 9, entries: { "/natadm/clients/web": '{"key":"AAAA"}' } };
+  let accepted = 0;
+  for (let i = 0; i < 10_000; i++) {
+    const input = r.pick([
+      () => encoder.encode(JSON.stringify(mutateObject(r, open))),
+      () => encoder.encode(JSON.stringify(mutateObject(r, { registry: true }))),
+      () => encoder.encode(JSON.stringify(mutateObject(r, snapshot))),
+      () => mutateBytes(r, encodePeerOpen(open)),
+      () => mutateBytes(r, encodeSnapshot(snapshot)),
+      () => oddPayload(r),
+    ])();
+    const request = decodes(() => decodePeerOpen(input), input, SEED + 20);
+    const copy = decodes(() => decodeSnapshot(input), input, SEED + 20);
+    if (request) accepted++;
+    if (copy) {
+      accepted++;
+      assert.deepEqual(decodeSnapshot(encodeSnapshot(copy)), copy, `seed ${SEED + 20}`);
+    }
+  }
+  assert.ok(accepted > 0, `seed ${SEED + 20}: nothing decoded`);
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -7,9 +7,14 @@ import assert from "node:assert/strict";
 import {
   decodeMessage,
   decodeOpen,
+  decodePeerOpen,
+  decodeSnapshot,
   encodeFrame,
   encodeMessage,
   encodeOpen,
+  encodePeerOpen,
+  encodeRegistryRequest,
+  encodeSnapshot,
   MAX_FRAME_BYTES,
   MAX_HOST_BYTES,
   MAX_NAME_BYTES,
@@ -71,6 +76,8 @@ Deno.test("every message survives an encode/decode round trip unchanged", () => 
     { type: "refused", reason: "", retry: false },
     { type: "ping" },
     { type: "goodbye", reason: "the server is shutting down" },
+    { type: "registry", revision: 0 },
+    { type: "registry", revision: Number.MAX_SAFE_INTEGER },
   ];
   for (const message of messages) {
     assert.deepEqual(decodeMessage(encodeFrame(message).subarray(4)), message);
@@ -190,4 +197,24 @@ Deno.test("an open request survives a round trip, and a malformed one is refused
   for (const [payload, pattern] of cases) {
     refuses(() => decodeOpen(payload), pattern, new TextDecoder().decode(payload));
   }
+});
+
+Deno.test("a peer's registry announcement, request and snapshot are parsed strictly", () => {
+  assert.deepEqual(decodePeerOpen(encodeRegistryRequest()), { registry: true });
+  const open = { client: "web", port: 22, host: "localhost", by: "admin" };
+  assert.deepEqual(decodePeerOpen(encodePeerOpen(open)), open);
+  const snapshot = { revision: 7, entries: { "/natadm/clients/web": '{"key":"AAAA"}' } };
+  assert.deepEqual(decodeSnapshot(encodeSnapshot(snapshot)), snapshot);
+  const cases: [() => unknown, RegExp][] = [
+    [() => decodePeerOpen(encode({ registry: false })), /"registry" must be true/],
+    [() => decodePeerOpen(encode({ registry: true, client: "web" })), /needs fields/],
+    [() => decodeMessage(encode({ type: "registry", revision: -1 })), /"revision"/],
+    [() => decodeMessage(encode({ type: "registry", revision: 1.5 })), /"revision"/],
+    [() => decodeMessage(encode({ type: "registry" })), /needs fields|"revision"/],
+    [() => decodeSnapshot(encode({ revision: 1 })), /needs fields/],
+    [() => decodeSnapshot(encode({ revision: 1, entries: [] })), /"entries"/],
+    [() => decodeSnapshot(encode({ revision: 1, entries: { k: 1 } })), /not a string/],
+    [() => decodeSnapshot(encode({ revision: "1", entries: {} })), /"revision"/],
+  ];
+  for (const [run, pattern] of cases) refuses(run, pattern, String(run));
 });
