@@ -639,6 +639,8 @@ interface RateRun {
   failed: number;
   wrong: number;
   seconds: number;
+  /** Why connections failed: each error message (digits as N) and how often. */
+  errors: Record<string, number>;
 }
 
 /** `workers` loops of connect, write `request`, read it back, close, on `port` for `seconds`. */
@@ -649,6 +651,7 @@ async function rateRun(
   request: Uint8Array,
 ): Promise<RateRun> {
   let ok = 0, failed = 0, wrong = 0;
+  const errors: Record<string, number> = {};
   const start = performance.now();
   const end = start + seconds * 1000;
   await Promise.all(Array.from({ length: workers }, async () => {
@@ -664,15 +667,17 @@ async function rateRun(
         });
         if (sameBytes(request, reply)) ok++;
         else wrong++;
-      } catch {
+      } catch (err) {
         failed++;
+        const why = String((err as Error)?.message ?? err).replace(/[0-9]+/g, "N").slice(0, 120);
+        errors[why] = (errors[why] ?? 0) + 1;
         await sleep(5);
       } finally {
         safeClose(conn);
       }
     }
   }));
-  return { ok, failed, wrong, seconds: (performance.now() - start) / 1000 };
+  return { ok, failed, wrong, seconds: (performance.now() - start) / 1000, errors };
 }
 
 /**
@@ -692,6 +697,7 @@ export async function connectionRate(ctx: Context): Promise<void> {
       `  ${what.padEnd(8)} ${fmt(rate, 0)} conn/s  (${r.ok} ok, ${r.failed} failed, ${r.wrong} ` +
         "wrong)",
     );
+    for (const [why, n] of Object.entries(r.errors)) ctx.log(`           ${n}× ${why}`);
   };
   await forEach(ctx, 0, "connection rate", async (sys) => {
     record("rate", sys.id, sys.id, await rateRun(sys.front.echo, seconds, workers, request));
