@@ -6,7 +6,17 @@
  * cmd/connect.ts. Skipped, saying why, when the `etcd` binary is not installed.
  */
 import assert from "node:assert/strict";
-import { escapeRegExp, freePort, randomBytes, runScript, Scope, waitUntil } from "./helpers.ts";
+import {
+  DEADLINE_MS,
+  escapeRegExp,
+  firstDifference,
+  freePort,
+  randomBytes,
+  readExactly,
+  runScript,
+  Scope,
+  waitUntil,
+} from "./helpers.ts";
 import {
   echoes,
   heldBy,
@@ -16,6 +26,7 @@ import {
   SKIP,
   type TestCluster,
 } from "./cluster_helpers.ts";
+import { LEASE_TTL_S } from "../src/cluster.ts";
 
 const ignore = SKIP !== undefined;
 if (ignore) console.warn(`cluster_registry_test: skipped: ${SKIP}`);
@@ -27,7 +38,7 @@ const APPLY_MS = 2000;
 interface Status {
   registry: { source: string; connected: boolean; revision: number | null; error: string | null };
   clients: { name: string; connected: boolean }[];
-  services: { port: number; client: string }[];
+  services: { port: number; client: string; waiting_users: number }[];
   tunnels: { client: string; by: string; via: string | null; service: number }[];
   users: { name: string; connected: boolean; tunnels: { client: string; port: number }[] }[];
   cluster: { held: Record<string, string[]>; forwarded: number; forwarded_total: number };
@@ -59,13 +70,17 @@ async function accepts(host: string, port: number): Promise<boolean> {
 async function onEvery(
   members: Member[],
   check: (m: Member) => Promise<boolean>,
-  what: string,
+  what: string | (() => string),
   since: number,
   timeoutMs: number,
 ): Promise<Record<string, number>> {
   const took: Record<string, number> = {};
   await Promise.all(members.map(async (m) => {
-    await waitUntil(() => check(m), `${what} on ${m.id} (${m.host})`, timeoutMs);
+    await waitUntil(
+      () => check(m),
+      () => `${typeof what === "string" ? what : what()} on ${m.id} (${m.host})`,
+      timeoutMs,
+    );
     took[m.id] = Math.round(performance.now() - since);
   }));
   return took;
@@ -188,6 +203,212 @@ Deno.test({
       for (const m of env.members) {
         assert.equal((await status(m)).cluster.held.web, undefined, `${m.id} holds web again`);
       }
+    } finally {
+      await scope.close();
+    }
+  },
+});
+
+/**
+ * How soon a server watches etcd again once it is back: the watch retries with a delay that
+ * doubles up to 5 s (`watch` in src/etcd.ts) while etcd is away, then catches up at once.
+ */
+const RECONNECT_MS = 5000;
+
+/** Waits until every member sees exactly `expected` (client → holder ids) in its copy. */
+async function everyoneSees(
+  env: TestCluster,
+  expected: Record<string, string[]>,
+  since: number,
+  timeoutMs: number,
+): Promise<Record<string, number>> {
+  const last: Record<string, unknown> = {};
+  return await onEvery(
+    env.members,
+    async (m) => {
+      const held = (await env.cluster(m)).held;
+      last[m.id] = held;
+      return Object.entries(expected).every(([client, ids]) =>
+        JSON.stringify(held[client] ?? []) === JSON.stringify(ids)
+      );
+    },
+    () => `the holders ${JSON.stringify(expected)} (last seen: ${JSON.stringify(last)})`,
+    since,
+    timeoutMs,
+  );
+}
+
+Deno.test({
+  name: "etcd stopped: clients and users keep working on all three servers, a change made just " +
+    "before is not lost, and everything catches up when etcd returns",
+  ignore,
+  async fn() {
+    const scope = new Scope();
+    try {
+      const env = await setup(scope);
+      const [a, b, c] = env.members;
+      const multi = await env.fixture.identity("multi");
+      const solo = await env.fixture.identity("solo");
+      const late = await env.fixture.identity("late");
+      const gone = await env.fixture.identity("gone");
+      const multiPort = await env.service(multi);
+      const soloPort = await env.service(solo);
+      const latePort = await env.service(late);
+      const gonePort = await env.service(gone);
+      await env.start();
+      await env.client(multi, [a, b, c]);
+      await env.client(solo, [b]);
+      const goneClient = await env.client(gone, [b]);
+      await everyoneSees(
+        env,
+        { multi: ["s1", "s2", "s3"], solo: ["s2"], gone: ["s2"] },
+        0,
+        DEADLINE_MS,
+      );
+      // Long-lived users at A: one served by A itself, one forwarded to B.
+      const local = await longUser(a.host, multiPort);
+      scope.closing(local.conn);
+      await local.check("local, before\n");
+      const forwarded = await longUser(a.host, soloPort);
+      scope.closing(forwarded.conn);
+      await forwarded.check("forwarded, before\n");
+      for (const m of env.members) assert.equal((await status(m)).registry.connected, true);
+
+      // A change, and etcd killed the moment the admin command returns: the servers may or
+      // may not have applied it yet, but etcd has it.
+      const beforePort = freePort();
+      await env.admin(
+        "add-service",
+        String(beforePort),
+        "--client",
+        "multi",
+        "--port",
+        String(env.echo.port),
+      );
+      await env.etcd.kill();
+      const killed = performance.now();
+      const appliedBefore = await Promise.all(env.members.map((m) => accepts(m.host, beforePort)));
+      console.log(`change made just before the kill applied before it on:`, appliedBefore);
+
+      // Every server says the registry is unreachable (the watch breaks at once; the health
+      // check every 2 s catches an etcd that hangs instead).
+      const noticed = await onEvery(
+        env.members,
+        async (m) => {
+          const { registry } = await status(m);
+          return registry.source === "etcd" && !registry.connected &&
+            typeof registry.error === "string" && typeof registry.revision === "number";
+        },
+        "status.json to say registry.connected false",
+        killed,
+        APPLY_MS + 2000,
+      );
+      console.log(`registry.connected false, ms after etcd was killed:`, noticed);
+
+      // Live tunnels run on; new users at every server are served, local and forwarded.
+      await local.check("local, during\n");
+      await forwarded.check("forwarded, during\n");
+      await servedAtEvery(env, multiPort);
+      await servedAtEvery(env, soloPort); // A and C forward to B by their copy of the records
+      // A client that connects during the outage, to C only: C serves it at once. C cannot
+      // record in etcd that it holds it, so A and B do not know yet: a user at A waits for it
+      // (pending_timeout), as for a client that is away.
+      const lateClient = await env.client(late, [c]);
+      await echoes(c.host, latePort, randomBytes(16 * 1024));
+      const waiting = await longUser(a.host, latePort);
+      scope.closing(waiting.conn);
+      const early = randomBytes(4096);
+      await waiting.conn.write(early);
+      await waitUntil(
+        async () => (await status(a)).services.some((s) => s.port === latePort),
+        "A to know late's service",
+      );
+
+      // A client that leaves during the outage: B cannot delete its record, so A and C still
+      // think B holds it and forward its users there, and B, which has no session of it, cuts
+      // them. That is what a forwarded user sees while etcd is away: a stale record, until
+      // etcd returns and B deletes it.
+      await goneClient.stop();
+      await waitUntil(
+        async () => !(await status(b)).clients.find((x) => x.name === "gone")?.connected,
+        "B to see gone leave",
+      );
+      const cut = await Deno.connect({ hostname: a.host, port: gonePort });
+      scope.closing(cut);
+      await cut.write(new TextEncoder().encode("anyone there?\n"));
+      assert.equal(await cut.read(new Uint8Array(64)).catch(() => null), null, "cut at once");
+      cut.close();
+
+      // Outlast the lease: every server has failed to renew it for longer than its TTL.
+      const renewals = Math.ceil(LEASE_TTL_S / 1.5) + 1;
+      await waitUntil(
+        () =>
+          env.members.every((m) =>
+            m.program!.count(/cannot renew this server's lease/) >= renewals
+          ),
+        `every server to fail ${renewals} lease renewals`,
+      );
+      await local.check("local, after the lease TTL\n");
+      await forwarded.check("forwarded, after the lease TTL\n");
+      await servedAtEvery(env, soloPort);
+
+      // etcd returns (same ports, same data), and another change is made at once.
+      await env.etcd.start();
+      const back = performance.now();
+      const second = await env.fixture.identity("second");
+      const secondPort = await env.service(second);
+      const changed = performance.now();
+      const applied = await onEvery(
+        env.members,
+        (m) => accepts(m.host, secondPort),
+        `service port ${secondPort} (added after etcd returned) to listen`,
+        changed,
+        RECONNECT_MS + APPLY_MS,
+      );
+      console.log(`change after etcd returned applied, ms after admin returned:`, applied);
+      const reconnected = await onEvery(
+        env.members,
+        async (m) => (await status(m)).registry.connected,
+        "status.json to say registry.connected true",
+        back,
+        RECONNECT_MS + APPLY_MS,
+      );
+      console.log(`registry.connected true again, ms after etcd was back:`, reconnected);
+      // The change made just before the kill is in force everywhere.
+      await onEvery(
+        env.members,
+        (m) => accepts(m.host, beforePort),
+        `service port ${beforePort} (added just before the kill) to listen`,
+        back,
+        RECONNECT_MS + APPLY_MS,
+      );
+      await servedAtEvery(env, beforePort);
+
+      // The records catch up: late, which connected to C during the outage, is known to all,
+      // and the user that waited for it at A is served, its early bytes first.
+      await env.client(second, [a]);
+      const caughtUp = await everyoneSees(
+        env,
+        { multi: ["s1", "s2", "s3"], solo: ["s2"], late: ["s3"], second: ["s1"], gone: [] },
+        back,
+        RECONNECT_MS + APPLY_MS,
+      );
+      console.log(`holders current on every server, ms after etcd was back:`, caughtUp);
+      const echoed = await readExactly(waiting.conn, early.length);
+      assert.equal(firstDifference(echoed, early), -1, "the waiting user's bytes differ");
+      await servedAtEvery(env, latePort);
+      // gone is held nowhere now: a user at A for it waits for it, as on a single server.
+      const patient = await Deno.connect({ hostname: a.host, port: gonePort });
+      scope.closing(patient);
+      await waitUntil(
+        async () => (await status(a)).services.find((x) => x.port === gonePort)?.waiting_users,
+        "a user at A to wait for gone",
+      );
+      patient.close();
+      await servedAtEvery(env, secondPort);
+      await local.check("local, after\n");
+      await forwarded.check("forwarded, after\n");
+      assert.equal(lateClient.exited, false);
     } finally {
       await scope.close();
     }
