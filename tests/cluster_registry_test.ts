@@ -6,6 +6,7 @@
  * cmd/connect.ts. Skipped, saying why, when the `etcd` binary is not installed.
  */
 import assert from "node:assert/strict";
+import { join } from "node:path";
 import {
   DEADLINE_MS,
   escapeRegExp,
@@ -13,6 +14,7 @@ import {
   freePort,
   randomBytes,
   readExactly,
+  ROOT,
   runScript,
   Scope,
   waitUntil,
@@ -409,6 +411,137 @@ Deno.test({
       await local.check("local, after\n");
       await forwarded.check("forwarded, after\n");
       assert.equal(lateClient.exited, false);
+    } finally {
+      await scope.close();
+    }
+  },
+});
+
+/** Reads exactly `n` bytes from a child's stdout reader, within the default deadline. */
+async function readChild(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  n: number,
+): Promise<Uint8Array> {
+  const out = new Uint8Array(n);
+  let got = 0;
+  const timer = setTimeout(() => reader.cancel(new Error("deadline")), DEADLINE_MS);
+  try {
+    while (got < n) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`connect's stdout ended after ${got} of ${n} bytes`);
+      if (got + value.length > n) throw new Error(`connect sent more than ${n} bytes`);
+      out.set(value, got);
+      got += value.length;
+    }
+  } finally {
+    clearTimeout(timer);
+  }
+  return out;
+}
+
+Deno.test({
+  name: "connect forwarded between servers: an admin with a key reaches, at server A, a client " +
+    "held only by server B, and the tunnel shows via B at A",
+  ignore,
+  async fn() {
+    const scope = new Scope();
+    try {
+      const env = await setup(scope);
+      const [a, b] = env.members;
+      const solo = await env.fixture.identity("solo");
+      const alice = await env.fixture.identity("alice");
+      await env.admin("add-client", "solo", "--key", solo.publicKey);
+      await env.admin(
+        "add-user",
+        "alice",
+        "--key",
+        alice.publicKey,
+        "--allow",
+        `solo:${env.echo.port}`,
+      );
+      await env.start();
+      await env.client(solo, [b]);
+      await heldBy(env, a, "solo", ["s2"]);
+      const userConfig = await env.fixture.write(
+        "user.toml",
+        [
+          `name = "alice"`,
+          `remote = ["${a.host}", ${a.communicationPort}]`,
+          `cafile = ${JSON.stringify(env.ca)}`,
+          `key = ${JSON.stringify(alice.keyPath)}`,
+        ].join("\n") + "\n",
+      );
+
+      const child = new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "--allow-net",
+          "--allow-read",
+          join(ROOT, "cmd/connect.ts"),
+          "--config",
+          userConfig,
+          "solo",
+          String(env.echo.port),
+        ],
+        stdin: "piped",
+        stdout: "piped",
+        stderr: "piped",
+      }).spawn();
+      scope.defer(async () => {
+        try {
+          child.kill("SIGKILL");
+        } catch {
+          // Exited already.
+        }
+        await child.status;
+      });
+      const stdin = child.stdin.getWriter();
+      const stdout = child.stdout.getReader();
+      const first = randomBytes(256 * 1024);
+      await Promise.all([
+        stdin.write(first),
+        (async () => {
+          const back = await readChild(stdout, first.length);
+          assert.equal(firstDifference(back, first), -1, "bytes through connect differ");
+        })(),
+      ]);
+
+      // While the tunnel is open: A counts it as forwarded, via B, opened by alice; B relays
+      // it as alice's too, on the client's own connection.
+      const atA = await status(a);
+      assert.ok(atA.cluster.forwarded >= 1, `A forwards: ${JSON.stringify(atA.cluster)}`);
+      const tunnelA = atA.tunnels.filter((t) => t.client === "solo");
+      assert.equal(tunnelA.length, 1, JSON.stringify(atA.tunnels));
+      assert.equal(tunnelA[0].via, "s2");
+      assert.equal(tunnelA[0].by, "alice");
+      const aliceAtA = atA.users.find((u) => u.name === "alice");
+      assert.equal(aliceAtA?.connected, true);
+      assert.deepEqual(aliceAtA?.tunnels.map((t) => [t.client, t.port]), [
+        ["solo", env.echo.port],
+      ]);
+      const atB = await status(b);
+      const tunnelB = atB.tunnels.filter((t) => t.client === "solo");
+      assert.equal(tunnelB.length, 1, JSON.stringify(atB.tunnels));
+      assert.equal(tunnelB[0].via, null, "B serves it on the client's connection");
+      assert.equal(tunnelB[0].by, "alice");
+      assert.equal(atB.users.find((u) => u.name === "alice")?.connected, false, "no login at B");
+      const audit = new RegExp(`tunnel open: user "alice" .*→ client "solo" port ${env.echo.port}`);
+      await a.program!.waitFor(audit, 0);
+      await b.program!.waitFor(audit, 0);
+
+      // More bytes, then the end of input: connect exits 0 once the echo has sent them back.
+      const second = randomBytes(64 * 1024);
+      await stdin.write(second);
+      await stdin.close();
+      const back = await readChild(stdout, second.length);
+      assert.equal(firstDifference(back, second), -1, "bytes through connect differ");
+      assert.equal((await stdout.read()).done, true, "nothing after the echo");
+      let exited: Deno.CommandStatus | undefined;
+      child.status.then((status) => exited = status);
+      const exit = await waitUntil(() => exited, "connect to exit");
+      const stderr = await new Response(child.stderr).text();
+      assert.equal(exit.code, 0, stderr);
+      await waitUntil(async () => (await status(a)).cluster.forwarded === 0, "A's tunnel to end");
     } finally {
       await scope.close();
     }
