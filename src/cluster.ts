@@ -58,6 +58,11 @@ export class Cluster {
   #closed = false;
   /** Writes run one after another, so a hold and a release of one client keep their order. */
   #queue: Promise<void> = Promise.resolve();
+  /**
+   * Clients whose record could not be written or deleted (etcd away): made right once etcd
+   * answers again. A lease etcd kept through its own restart is not rewritten by a new one.
+   */
+  readonly #unsynced = new Set<string>();
   /** Called when a client gains a holder elsewhere. */
   onHeld: ((client: string) => void) | undefined;
 
@@ -155,16 +160,13 @@ export class Cluster {
   /** This server now holds `client`: record it. */
   hold(client: string): void {
     this.#mine.add(client);
-    this.#enqueue(() => this.#put(client), `record that it holds client ${client}`);
+    this.#sync(client);
   }
 
   /** This server no longer holds `client`: delete its record. */
   release(client: string): void {
     this.#mine.delete(client);
-    this.#enqueue(async () => {
-      if (this.#mine.has(client)) return; // held again meanwhile
-      await this.#etcd.delete(this.#heldKey(client));
-    }, `delete its record of client ${client}`);
+    this.#sync(client);
   }
 
   /** The cluster as this server sees it. */
@@ -204,10 +206,36 @@ export class Cluster {
     await this.#etcd.put(this.#heldKey(client), JSON.stringify({ peer: this.peer }), this.#lease);
   }
 
-  #enqueue(step: () => Promise<void>, what: string): void {
-    this.#queue = this.#queue.then(step).catch((err) => {
-      logger.warn("cannot {what} in etcd: {error}", { what, error: (err as Error).message });
+  /**
+   * Makes etcd's record of `client` say what this server does now (held or not), after the
+   * writes queued before; when etcd cannot be reached, it is tried again once etcd answers.
+   */
+  #sync(client: string): void {
+    this.#queue = this.#queue.then(async () => {
+      const held = this.#mine.has(client); // as of now: a later hold or release wins
+      try {
+        if (held) await this.#put(client);
+        else await this.#etcd.delete(this.#heldKey(client));
+        this.#unsynced.delete(client);
+      } catch (err) {
+        this.#unsynced.add(client);
+        logger.warn("cannot {what} in etcd, will try again when it answers: {error}", {
+          what: held ? `record that it holds client ${client}` : `delete its record of ${client}`,
+          error: (err as Error).message,
+        });
+      }
     });
+  }
+
+  /** etcd answers: writes again every record that failed meanwhile. */
+  #resync(): void {
+    if (this.#unsynced.size === 0) return;
+    const clients = [...this.#unsynced];
+    this.#unsynced.clear(); // a failure adds it back
+    logger.info("etcd answers again: correcting {count} records of held clients", {
+      count: clients.length,
+    });
+    for (const client of clients) this.#sync(client);
   }
 
   /**
@@ -232,9 +260,7 @@ export class Cluster {
         }
         const again = this.#lease !== undefined;
         this.#lease = lease;
-        for (const client of this.#mine) {
-          this.#enqueue(() => this.#put(client), `record that it holds client ${client}`);
-        }
+        for (const client of this.#mine) this.#sync(client);
         logger.info(
           again
             ? "cluster member {id}: lease lost, registered again with {clients} clients"
@@ -242,6 +268,7 @@ export class Cluster {
           { id: this.settings.serverId, peer: this.peer, clients: this.#mine.size },
         );
       }
+      if (!this.#closed) this.#resync();
     } catch (err) {
       logger.warn("cannot renew this server's lease in etcd: {error}", {
         error: err instanceof EtcdError ? err.message : String(err),
