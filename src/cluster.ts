@@ -213,16 +213,27 @@ export class Cluster {
   #sync(client: string): void {
     this.#queue = this.#queue.then(async () => {
       const held = this.#mine.has(client); // as of now: a later hold or release wins
+      if (this.#unsynced.size > 0) {
+        // etcd did not answer the last write: wait for the lease renewal that finds it back,
+        // rather than a request timeout per client.
+        this.#unsynced.add(client);
+        return;
+      }
       try {
         if (held) await this.#put(client);
         else await this.#etcd.delete(this.#heldKey(client));
         this.#unsynced.delete(client);
       } catch (err) {
+        // One warning per outage, not one per client of a fleet.
+        const first = this.#unsynced.size === 0;
         this.#unsynced.add(client);
-        logger.warn("cannot {what} in etcd, will try again when it answers: {error}", {
+        const message = "cannot {what} in etcd, will try again when it answers: {error}";
+        const values = {
           what: held ? `record that it holds client ${client}` : `delete its record of ${client}`,
           error: (err as Error).message,
-        });
+        };
+        if (first) logger.warn(message, values);
+        else logger.debug(message, values);
       }
     });
   }
