@@ -28,7 +28,7 @@ import { generateCertificates } from "../src/certs.ts";
 import { type Context, firstByte, fmt, latencyStats, sampleFirstBytes } from "./cases.ts";
 import { bulk } from "./fairness.ts";
 import { waitEcho } from "./net.ts";
-import { Proc, run, stopTracked, track } from "./proc.ts";
+import { cpuMs, Proc, run, stopTracked, track } from "./proc.ts";
 import type { TargetPorts } from "./systems.ts";
 
 const DENO = Deno.execPath();
@@ -46,6 +46,8 @@ interface Member {
   config: string;
   proc?: Proc;
 }
+
+const round2 = (x: number) => Math.round(x * 100) / 100;
 
 /** The two paths to the same client. */
 type Path = "direct" | "forwarded";
@@ -269,6 +271,7 @@ export async function cluster(
       record.firstByte = stats;
     });
 
+    const pids: Record<string, number> = { A: a.proc!.pid, B: b.proc!.pid, client: client.pid };
     const useIperf = !!ctx.iperfPath && !ctx.params.builtin && !!ports.iperf;
     const seconds = ctx.params.throughputSeconds;
     ctx.log(
@@ -278,11 +281,14 @@ export async function cluster(
     for (const [way, reverse] of [["up", false], ["down", true]] as const) {
       await attempt(`bulk ${way}`, async () => {
         const runs: Record<Path, number[]> = { direct: [], forwarded: [] };
+        // CPU each NATadm process spent on each path's runs: where a forwarded byte costs more.
+        const cpu: Record<Path, Record<string, number>> = { direct: {}, forwarded: {} };
         const first: Path = reverse ? "forwarded" : "direct";
         const second: Path = reverse ? "direct" : "forwarded";
         for (const path of [first, second, second, first]) {
           const once = () =>
             bulk(ports, seconds, reverse, useIperf ? ctx.iperfPath : undefined, hosts[path]);
+          const before = Object.entries(pids).map(([role, pid]) => [role, cpuMs(pid)] as const);
           let value: number;
           try {
             value = await once();
@@ -293,16 +299,34 @@ export async function cluster(
             await ctx.targets.startIperf();
             value = await once();
           }
+          for (const [role, ms] of before) {
+            cpu[path][role] = (cpu[path][role] ?? 0) + cpuMs(pids[role]) - ms;
+          }
           runs[path].push(value);
         }
         const mean = (xs: number[]) => xs.reduce((s, x) => s + x, 0) / xs.length;
         const direct = mean(runs.direct), forwarded = mean(runs.forwarded);
         ctx.rec.set(`cl_${way}`, "natadm", direct);
         ctx.rec.set(`cl_fwd_${way}`, "natadm", forwarded);
-        record[way] = { runsMBps: runs, direct, forwarded, ratio: forwarded / direct };
+        /** CPU ms per MB moved, by process, on `path` (MB ≈ MB/s × seconds, summed over runs). */
+        const perMB = (path: Path) => {
+          const mb = runs[path].reduce((sum, x) => sum + x * seconds, 0);
+          const entries = Object.entries(cpu[path]);
+          return Object.fromEntries(entries.map(([role, ms]) => [role, round2(ms / mb)]));
+        };
+        record[way] = {
+          runsMBps: runs,
+          direct,
+          forwarded,
+          ratio: forwarded / direct,
+          cpuMsPerMB: { direct: perMB("direct"), forwarded: perMB("forwarded") },
+        };
+        const show = (path: Path) =>
+          Object.entries(perMB(path)).map(([role, x]) => `${role} ${fmt(x, 1)}`).join(", ");
         ctx.log(
           `  ${(way === "up" ? "upload" : "download").padEnd(9)} direct ${fmt(direct, 1)} MB/s  ` +
-            `forwarded ${fmt(forwarded, 1)} MB/s  (${fmt(forwarded / direct, 2)}×)`,
+            `forwarded ${fmt(forwarded, 1)} MB/s  (${fmt(forwarded / direct, 2)}×); CPU ms/MB ` +
+            `direct: ${show("direct")}; forwarded: ${show("forwarded")}`,
         );
       });
     }
