@@ -332,10 +332,12 @@ export async function cluster(
     }
 
     // Proof the forwarded figures went through the peer link: A counted them as forwarded.
-    const forwardedAfter = (await clusterStatus(a))?.forwarded_total ?? 0;
-    record.forwardedByA = forwardedAfter - forwardedBefore;
-    if (forwardedAfter <= forwardedBefore) {
-      const message = "cluster: A's status.json counted no forwarded tunnel";
+    const after = await clusterStatus(a);
+    if (after) record.forwardedByA = after.forwarded_total - forwardedBefore;
+    if (!after || after.forwarded_total <= forwardedBefore) {
+      const message = `cluster: ${
+        after ? "A's status.json counted no forwarded tunnel" : "A's status.json did not answer"
+      }${dead()}`;
       ctx.rec.errors.push(message);
       ctx.log(`  ERROR ${message}`);
     }
