@@ -52,18 +52,20 @@ const round2 = (x: number) => Math.round(x * 100) / 100;
 /** The two paths to the same client. */
 type Path = "direct" | "forwarded";
 
-/** What A's or B's `/status.json` says of the cluster (the fields used here). */
-interface ClusterStatus {
-  held: Record<string, string[]>;
-  forwarded_total: number;
+/** What A's or B's `/status.json` says (the fields used here). */
+interface Status {
+  cluster: { held: Record<string, string[]>; forwarded_total: number };
+  tunnels: unknown[];
 }
 
-async function clusterStatus(m: Member): Promise<ClusterStatus | undefined> {
+/** `m`'s `/status.json`, or undefined if it does not answer. */
+async function status(m: Member): Promise<Status | undefined> {
   try {
     const response = await fetch(`http://127.0.0.1:${m.statusPort}/status.json`, {
       signal: AbortSignal.timeout(2000),
     });
-    return (await response.json()).cluster ?? undefined;
+    const doc = await response.json();
+    return doc.cluster ? doc as Status : undefined;
   } catch {
     return undefined;
   }
@@ -201,21 +203,34 @@ export async function cluster(
     await client.waitFor(/connected to .* as/, STEP_MS);
     // Both servers must know that B holds the client: A learns it from etcd's watch.
     for (const m of members) {
-      let last: ClusterStatus | undefined;
+      let last: Status | undefined;
       await waitUntil(
         async () => {
           if (dead()) throw new Error(`waiting for ${m.id}'s status${dead()}`);
-          last = await clusterStatus(m);
-          return JSON.stringify(last?.held[CLIENT]) === JSON.stringify(["B"]);
+          last = await status(m);
+          return JSON.stringify(last?.cluster.held[CLIENT]) === JSON.stringify(["B"]);
         },
-        () => `${m.id}'s status.json to show ${CLIENT} held by B: ${JSON.stringify(last)}`,
+        () => `${m.id}'s status.json to show ${CLIENT} held by B: ${JSON.stringify(last?.cluster)}`,
         STEP_MS,
       );
     }
     const hosts: Record<Path, string> = { direct: b.host, forwarded: a.host };
     await waitEcho(ports.echo, "cluster, direct", STEP_MS, hosts.direct);
     await waitEcho(ports.echo, "cluster, forwarded", STEP_MS, hosts.forwarded);
-    const forwardedBefore = (await clusterStatus(a))?.forwarded_total ?? 0;
+    const forwardedBefore = (await status(a))?.cluster.forwarded_total ?? 0;
+    /**
+     * Waits until neither server has a tunnel left, so that a run starts with the previous
+     * one's tunnels gone (iperf3 -s takes one test at a time).
+     */
+    const settled = () =>
+      waitUntil(
+        async () => {
+          for (const m of members) if ((await status(m))?.tunnels.length !== 0) return false;
+          return true;
+        },
+        () => `the tunnels of the previous run to close on A and B${dead()}`,
+        STEP_MS,
+      );
     const paths: Path[] = ["direct", "forwarded"];
 
     /** Runs one measurement; a failure is recorded and the next one still runs. */
@@ -288,6 +303,7 @@ export async function cluster(
         for (const path of [first, second, second, first]) {
           const once = () =>
             bulk(ports, seconds, reverse, useIperf ? ctx.iperfPath : undefined, hosts[path]);
+          await settled();
           const before = Object.entries(pids).map(([role, pid]) => [role, cpuMs(pid)] as const);
           let value: number;
           try {
@@ -332,7 +348,7 @@ export async function cluster(
     }
 
     // Proof the forwarded figures went through the peer link: A counted them as forwarded.
-    const after = await clusterStatus(a);
+    const after = (await status(a))?.cluster;
     if (after) record.forwardedByA = after.forwarded_total - forwardedBefore;
     if (!after || after.forwarded_total <= forwardedBefore) {
       const message = `cluster: ${
