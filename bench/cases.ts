@@ -218,14 +218,16 @@ interface IperfJson {
   end?: { sum_received?: { bits_per_second?: number } };
 }
 
+/** One iperf3 client run against `host`:`port`; returns the received MB/s. */
 export async function iperf(
   path: string,
   port: number,
   seconds: number,
   reverse: boolean,
   streams: number,
+  host = "127.0.0.1",
 ): Promise<number> {
-  const args = ["-c", "127.0.0.1", "-p", String(port), "-t", String(seconds), "-J"];
+  const args = ["-c", host, "-p", String(port), "-t", String(seconds), "-J"];
   args.push("--connect-timeout", "5000");
   if (reverse) args.push("-R");
   if (streams > 1) args.push("-P", String(streams));
@@ -255,6 +257,7 @@ export async function builtinUpload(
   port: number,
   seconds: number,
   streams: number,
+  host = "127.0.0.1",
 ): Promise<number> {
   const chunk = new Uint8Array(256 * 1024);
   for (let i = 0; i < chunk.length; i += 65_536) {
@@ -264,7 +267,7 @@ export async function builtinUpload(
   const end = start + seconds * 1000;
   const sent = await Promise.all(
     Array.from({ length: streams }, async () => {
-      const conn = await connect(port);
+      const conn = await connect(port, 10_000, host);
       try {
         return await withDeadline(conn, seconds * 1000 + 30_000, async () => {
           let bytes = 0;
@@ -291,12 +294,13 @@ export async function builtinDownload(
   port: number,
   seconds: number,
   streams: number,
+  host = "127.0.0.1",
 ): Promise<number> {
   const start = performance.now();
   const end = start + seconds * 1000;
   const got = await Promise.all(
     Array.from({ length: streams }, async () => {
-      const conn = await connect(port);
+      const conn = await connect(port, 10_000, host);
       try {
         return await withDeadline(conn, seconds * 1000 + 30_000, async () => {
           const buf = new Uint8Array(256 * 1024);
@@ -358,10 +362,10 @@ export async function throughput(ctx: Context): Promise<void> {
 
 export const ONE = new Uint8Array([0x2a]);
 
-/** Fresh connection, 1 byte out, its echo back; returns milliseconds. */
-export async function firstByte(port: number): Promise<number> {
+/** Fresh connection to `host`:`port`, 1 byte out, its echo back; returns milliseconds. */
+export async function firstByte(port: number, host = "127.0.0.1"): Promise<number> {
   const start = performance.now();
-  const conn = await connect(port);
+  const conn = await connect(port, 10_000, host);
   try {
     const back = new Uint8Array(1);
     await withDeadline(conn, 10_000, async () => {
@@ -387,19 +391,20 @@ export function latencyStats(
 }
 
 /**
- * Takes up to `n` first-byte samples through `port` into `list`, counting failures in
+ * Takes up to `n` first-byte samples through `host`:`port` into `list`, counting failures in
  * `failures`; throws once more than a tenth of `n` failed.
  */
-async function sampleFirstBytes(
+export async function sampleFirstBytes(
   port: number,
   n: number,
   list: number[],
   failures: { count: number },
+  host = "127.0.0.1",
 ): Promise<void> {
   let failed = 0;
   for (let i = 0; i < n; i++) {
     try {
-      list.push(await firstByte(port));
+      list.push(await firstByte(port, host));
     } catch (err) {
       failures.count++;
       if (++failed > n / 10) {

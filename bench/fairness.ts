@@ -25,17 +25,21 @@ export const FAIRNESS_RUNS = [
   { key: "fair_down", reverse: true, what: "bulk service→user" },
 ] as const;
 
-/** Runs a bulk transfer through `front` for `seconds` (iperf3 if given, else built-in). */
+/**
+ * Runs a bulk transfer through `front` on `host` for `seconds` (iperf3 if given, else
+ * built-in); returns MB/s.
+ */
 export function bulk(
   front: TargetPorts,
   seconds: number,
   reverse: boolean,
   iperfPath: string | undefined,
+  host = "127.0.0.1",
 ): Promise<number> {
-  if (iperfPath && front.iperf) return iperf(iperfPath, front.iperf, seconds, reverse, 1);
+  if (iperfPath && front.iperf) return iperf(iperfPath, front.iperf, seconds, reverse, 1, host);
   return reverse
-    ? builtinDownload(front.source, seconds, 1)
-    : builtinUpload(front.sink, seconds, 1);
+    ? builtinDownload(front.source, seconds, 1, host)
+    : builtinUpload(front.sink, seconds, 1, host);
 }
 
 /** 1-byte round trips on `conn` until `until` (performance.now()); each one's milliseconds. */

@@ -4,9 +4,12 @@
  * Starts everything itself on 127.0.0.1 — target services, NATadm server and client, and the
  * peers it is compared with (direct connection, OpenSSH `ssh -R`, a stunnel pair) — runs six
  * cases (first byte and connection rate also through a user's `forward`, and `connect` spawned
- * as an ssh ProxyCommand would be), prints one table, writes bench/results/latest.{json,svg}
- * (quick.{json,svg} for `--quick`), and stops everything it started, also on error or Ctrl-C. Timing figures are
- * informational: nothing here fails on a slow result.
+ * as an ssh ProxyCommand would be), and a cluster case (an etcd, two servers, a client held by
+ * one of them: first byte and bulk for a user at that server, and for one forwarded to it by the
+ * other; skipped without the `etcd` binary), prints one table, writes
+ * bench/results/latest.{json,svg} (quick.{json,svg} for `--quick`), and stops everything it
+ * started, also on error or Ctrl-C. Timing figures are informational: nothing here fails on a
+ * slow result.
  * @module
  */
 import { parseArgs } from "node:util";
@@ -46,6 +49,7 @@ import { hotSpots, renderHotSpots } from "./profile.ts";
 import { burst } from "./burst.ts";
 import { fairness } from "./fairness.ts";
 import { fleet } from "./fleet.ts";
+import { cluster } from "./cluster.ts";
 import { Nginx, smallRequests } from "./http.ts";
 import { PAIR_ADDR } from "./netns.ts";
 import { wan } from "./wan.ts";
@@ -61,6 +65,7 @@ const CASES = [
   "idle",
   "burst",
   "fleet",
+  "cluster",
 ] as const;
 
 const HELP = `Usage: deno task bench [--quick] [--builtin] [--fleet N] [--wan] [--only CASES]
@@ -314,8 +319,9 @@ async function main(): Promise<void> {
       }
     }
   };
-  // The fleet has a server of its own: a run of only that case needs none of the systems.
-  const needSystems = [...only].some((name) => name !== "fleet");
+  // The fleet and the cluster have servers of their own: a run of only those needs none of the
+  // systems.
+  const needSystems = [...only].some((name) => name !== "fleet" && name !== "cluster");
   if (needSystems) log("starting systems");
   if (needSystems) await startAll();
   for (const [id, why] of Object.entries(skipped)) log(`  ${LABELS[id as SysId]} skipped: ${why}`);
@@ -362,6 +368,11 @@ async function main(): Promise<void> {
     await startAll();
     await warmUp(ctx);
     await burst(ctx, params.burst);
+  }
+  if (want("cluster")) {
+    // The cluster has servers of its own: the others would only take CPU from them.
+    if (!profileDir) { for (const sys of systems) if (!sys.skip) await sys.stop(); }
+    await cluster(ctx, fixture, programArgs);
   }
   if (want("fleet")) {
     // The fleet has a server of its own: the others would only take CPU from it.

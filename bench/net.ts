@@ -4,10 +4,14 @@
  * @module
  */
 
-/** Connects to 127.0.0.1:`port` with no-delay, giving up after `timeoutMs`. */
-export async function connect(port: number, timeoutMs = 10_000): Promise<Deno.TcpConn> {
+/** Connects to `hostname`:`port` (127.0.0.1) with no-delay, giving up after `timeoutMs`. */
+export async function connect(
+  port: number,
+  timeoutMs = 10_000,
+  hostname = "127.0.0.1",
+): Promise<Deno.TcpConn> {
   const conn = await Deno.connect({
-    hostname: "127.0.0.1",
+    hostname,
     port,
     signal: AbortSignal.timeout(timeoutMs),
   });
@@ -67,11 +71,15 @@ export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   return true;
 }
 
-/** One echo round trip through `port`; false on any failure. */
-export async function echoOnce(port: number, timeoutMs = 5000): Promise<boolean> {
+/** One echo round trip through `host`:`port`; false on any failure. */
+export async function echoOnce(
+  port: number,
+  timeoutMs = 5000,
+  host = "127.0.0.1",
+): Promise<boolean> {
   let conn: Deno.TcpConn | undefined;
   try {
-    conn = await connect(port, timeoutMs);
+    conn = await connect(port, timeoutMs, host);
     const c = conn;
     const probe = new TextEncoder().encode("ping");
     const back = new Uint8Array(probe.length);
@@ -87,14 +95,19 @@ export async function echoOnce(port: number, timeoutMs = 5000): Promise<boolean>
   }
 }
 
-/** Waits until an echo round trip through `port` works; throws after `timeoutMs`. */
-export async function waitEcho(port: number, what: string, timeoutMs = 20_000): Promise<void> {
+/** Waits until an echo round trip through `host`:`port` works; throws after `timeoutMs`. */
+export async function waitEcho(
+  port: number,
+  what: string,
+  timeoutMs = 20_000,
+  host = "127.0.0.1",
+): Promise<void> {
   const end = Date.now() + timeoutMs;
   while (Date.now() < end) {
-    if (await echoOnce(port, Math.max(100, Math.min(5000, end - Date.now())))) return;
+    if (await echoOnce(port, Math.max(100, Math.min(5000, end - Date.now())), host)) return;
     await new Promise((r) => setTimeout(r, 50));
   }
-  throw new Error(`${what}: no echo through port ${port} within ${timeoutMs} ms`);
+  throw new Error(`${what}: no echo through ${host}:${port} within ${timeoutMs} ms`);
 }
 
 /** Bytes carried by one relayed connection. */

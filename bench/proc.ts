@@ -220,6 +220,19 @@ export function memory(pid: number): { rss: number; hwm: number } {
   }
 }
 
+/** CPU time (user + system) `pid` has used so far, in ms (0 if it is gone). */
+export function cpuMs(pid: number): number {
+  try {
+    const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+    // Fields after the command's ")": state is the 3rd field of stat, utime the 14th, stime the
+    // 15th; /proc counts them in USER_HZ ticks, 100 a second on Linux.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return 0;
+  }
+}
+
 /** Sum of VmRSS over `pids`, in KiB. */
 export function rssOf(pids: number[]): number {
   return pids.reduce((sum, pid) => sum + memory(pid).rss, 0);

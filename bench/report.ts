@@ -73,6 +73,14 @@ export function metrics(p: Params): Metric[] {
     m("http_close_rps", "HTTP 4 KiB conn: close", "req/s", 0),
     m("http_close_p50", "  latency p50", "ms", 3),
     m("http_close_p99", "  latency p99", "ms", 3),
+    m("cl_fb_p50", "cluster first byte p50, direct", "ms", 3, false),
+    m("cl_fwd_fb_p50", "  forwarded A→B", "ms", 3, false),
+    m("cl_fb_p99", "cluster first byte p99, direct", "ms", 3, false),
+    m("cl_fwd_fb_p99", "  forwarded A→B", "ms", 3, false),
+    m("cl_up", "cluster upload, direct", "MB/s", 1, false),
+    m("cl_fwd_up", "  forwarded A→B", "MB/s", 1, false),
+    m("cl_down", "cluster download, direct", "MB/s", 1, false),
+    m("cl_fwd_down", "  forwarded A→B", "MB/s", 1, false),
     m("wan_fb_p50", "WAN first byte p50", "ms", 1),
     m("wan_fb_p99", "WAN first byte p99", "ms", 1),
     m("wan_up", "WAN upload", "MB/s", 2),
@@ -203,6 +211,23 @@ export function targets(rec: Recorder, p: Params): Target[] {
       () => cmp(nat("http_close_rps"), v("http_close_rps", "ssh"), (a, b) => a >= b),
     ),
   );
+  // A user whose client is held by another server of the cluster: the forwarding hop's cost.
+  out.push(
+    t(
+      "cl_fwd_fb_p50",
+      "≤direct + 1 ms",
+      () => cmp(nat("cl_fwd_fb_p50"), nat("cl_fb_p50"), (a, b) => a <= b + 1),
+    ),
+  );
+  for (const way of ["up", "down"]) {
+    out.push(
+      t(
+        `cl_fwd_${way}`,
+        "≥0.8× direct",
+        () => cmp(nat(`cl_fwd_${way}`), nat(`cl_${way}`), (a, b) => a >= 0.8 * b),
+      ),
+    );
+  }
   out.push(
     t(
       "wan_fb_p50",
