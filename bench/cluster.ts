@@ -154,6 +154,9 @@ export async function cluster(
         CLIENT,
         "--port",
         String(ctx.targets.ports[name]),
+        // As the single-server case has it: no name to resolve on each tunnel.
+        "--host",
+        "127.0.0.1",
       );
     }
     const ports = front as TargetPorts;

@@ -376,6 +376,26 @@ export class MuxStream implements Stream {
     return n;
   }
 
+  /**
+   * Grows the receive window to `bytes` at once (within the mux's `maxWindow` and its budget)
+   * and grants the peer the difference, without waiting for it to prove a fast path. For a
+   * stream whose reader is itself a stream with its own credit (a server relaying a peer's
+   * tunnel to its client), which the usual growth would judge a slow reader. The window still
+   * halves if the path fills.
+   */
+  widen(bytes: number): void {
+    const target = Math.min(bytes, this.#mux.maxWindow);
+    if (this.#finished || this.#remoteEnded || target <= this.#window) return;
+    const grow = target - this.#window;
+    if (!this.#mux.budget.take(grow)) return;
+    this.#window = target;
+    this.#available += grow;
+    const frame = new Uint8Array(MUX_HEADER_BYTES + 4);
+    writeHeader(frame, 0, FrameType.WINDOW, this.id, 4);
+    new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, grow);
+    this.#mux.queueControl(frame);
+  }
+
   /** The peer has bytes for this stream but no credit: grow the window if we keep up. */
   blocked(): void {
     this.#blockedAt = performance.now();

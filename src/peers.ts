@@ -223,6 +223,9 @@ export class Peers {
           throw new ProtocolError(`peer ${from}: ${(err as Error).message}`);
         }
         if ("registry" in request) return this.#sendRegistry(tunnel, from);
+        // Its reader is the client's stream, with credit of its own: judged by that, this
+        // window would never grow, and the extra hop would halve a bulk upload.
+        tunnel.widen(mux.maxWindow);
         this.#handlers.onOpen(tunnel, request, from);
       },
       onControl: (message: Message) => {

@@ -339,6 +339,30 @@ Deno.test("mux credit: a receiver that does not read holds one window, and the s
   }
 });
 
+Deno.test("mux credit: a widened window lets the sender run ahead by that much, no more", async () => {
+  const mux = await muxPair();
+  try {
+    const [mine, theirs] = await mux.open();
+    const wide = 4 * INITIAL_WINDOW;
+    theirs.widen(wide);
+    const bytes = randomBytes(1 << 20);
+    const write = mine.write(bytes);
+    await waitUntil(() => theirs.buffered >= wide, "the widened window to arrive", 5000);
+    const [other, otherFar] = await mux.open();
+    const echoing = echo(otherFar);
+    await roundTrip(other, 9);
+    assert.equal(theirs.buffered, wide, "the receiver holds exactly the widened window");
+    assert.equal(mine.result.sent, wide, "the sender sent exactly its widened credit");
+    const got = await readN(theirs, bytes.length);
+    assert.equal(firstDifference(got, bytes), -1);
+    await write;
+    await other.closeWrite();
+    await echoing;
+  } finally {
+    await mux.close();
+  }
+});
+
 Deno.test("mux credit: a peer that sends past its credit loses the connection", async () => {
   const pair = await tcpPair();
   const acceptor = new Mux(pair.b, { onOpen: () => {}, onControl: () => {} }, {
