@@ -15,15 +15,9 @@
  * @module
  */
 import { join } from "node:path";
-import {
-  clientToml,
-  type Fixture,
-  freePort,
-  ROOT,
-  serverToml,
-  waitUntil,
-} from "../tests/helpers.ts";
+import { clientToml, type Fixture, freePort, ROOT, waitUntil } from "../tests/helpers.ts";
 import { ETCD, Etcd } from "../tests/etcd_server.ts";
+import { clusterServerToml } from "../tests/cluster_helpers.ts";
 import { generateCertificates } from "../src/certs.ts";
 import { type Context, firstByte, fmt, latencyStats, sampleFirstBytes } from "./cases.ts";
 import { bulk } from "./fairness.ts";
@@ -167,21 +161,14 @@ export async function cluster(
       const config = join(dir, `server-${id}.toml`);
       await Deno.writeTextFile(
         config,
-        serverToml({
+        clusterServerToml({
+          id,
+          host,
           communicationPort,
-          clients: [],
-          services: [],
-          listenHost: host,
+          statusPort,
+          etcdUrl,
           certificate: [cert, key],
-          extra: [
-            `registry = "etcd"`,
-            `etcd_endpoints = [${JSON.stringify(etcdUrl)}]`,
-            `status_port = ${statusPort}`,
-            `server_id = "${id}"`,
-            `peer_port = ${freePort()}`,
-            `peer_certificate = ${JSON.stringify([cert, key])}`,
-            `peer_cafile = ${JSON.stringify(ca)}`,
-          ].join("\n"),
+          ca,
         }),
       );
       members.push({ id, host, communicationPort, statusPort, config });

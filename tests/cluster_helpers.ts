@@ -49,6 +49,36 @@ export interface ClusterStatus {
   forwarded_total: number;
 }
 
+/** A cluster member's server.toml: its own ports, the etcd registry, and its peer settings. */
+export function clusterServerToml(m: {
+  id: string;
+  host: string;
+  communicationPort: number;
+  statusPort: number;
+  etcdUrl: string;
+  /** [certificate, key] files, for clients and peers alike. */
+  certificate: [string, string];
+  /** The cluster CA's certificate file. */
+  ca: string;
+}): string {
+  return serverToml({
+    communicationPort: m.communicationPort,
+    clients: [],
+    services: [],
+    listenHost: m.host,
+    certificate: m.certificate,
+    extra: [
+      `registry = "etcd"`,
+      `etcd_endpoints = [${JSON.stringify(m.etcdUrl)}]`,
+      `status_port = ${m.statusPort}`,
+      `server_id = ${JSON.stringify(m.id)}`,
+      `peer_port = ${freePort()}`,
+      `peer_certificate = ${JSON.stringify(m.certificate)}`,
+      `peer_cafile = ${JSON.stringify(m.ca)}`,
+    ].join("\n"),
+  });
+}
+
 /** How {@link setup} builds the cluster. */
 export interface SetupOptions {
   /** The etcd URL member `i` (1–3) is given; by default etcd's own. */
@@ -77,24 +107,16 @@ export async function setup(scope: Scope, options: SetupOptions = {}) {
     const host = `127.0.0.${i}`;
     const communicationPort = freePort();
     const statusPort = freePort();
-    const extra = [
-      `registry = "etcd"`,
-      `etcd_endpoints = ["${options.etcdUrl?.(i, etcd) ?? etcd.url}"]`,
-      `status_port = ${statusPort}`,
-      `server_id = "s${i}"`,
-      `peer_port = ${freePort()}`,
-      `peer_certificate = ${JSON.stringify([cert, key])}`,
-      `peer_cafile = ${JSON.stringify(ca)}`,
-    ].join("\n");
     const config = await fixture.write(
       `server-${i}.toml`,
-      serverToml({
+      clusterServerToml({
+        id: `s${i}`,
+        host,
         communicationPort,
-        clients: [],
-        services: [],
-        listenHost: host,
+        statusPort,
+        etcdUrl: options.etcdUrl?.(i, etcd) ?? etcd.url,
         certificate: [cert, key],
-        extra,
+        ca,
       }),
     );
     members.push({ id: `s${i}`, host, communicationPort, statusPort, config });
