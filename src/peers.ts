@@ -223,10 +223,11 @@ export class Peers {
           throw new ProtocolError(`peer ${from}: ${(err as Error).message}`);
         }
         if ("registry" in request) return this.#sendRegistry(tunnel, from);
-        // Its reader is the client's stream, with credit of its own: judged by that, this
-        // window would never grow, and the extra hop would halve a bulk upload.
-        tunnel.widen(mux.maxWindow);
         this.#handlers.onOpen(tunnel, request, from);
+        // Its reader is the client's stream, with credit of its own: judged by that, this
+        // window would never grow, and the extra hop would halve a bulk upload. (After the
+        // open, so that the client's stream goes out first.)
+        tunnel.widen(mux.maxWindow);
       },
       onControl: (message: Message) => {
         if (message.type === "ping") return;
