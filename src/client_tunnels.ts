@@ -11,12 +11,6 @@ import { log } from "./log.ts";
 
 const logger = log("client");
 
-/** Tunnels a server may open at once beyond the steady rate (a burst of users). */
-export const OPEN_BURST = 2048;
-
-/** Tunnels per second a server may open once a burst is spent. */
-export const OPEN_RATE_PER_S = 1000;
-
 /** Hosts that mean this machine, where a client without an allow list may connect. */
 const LOCAL_HOSTS = new Set(["localhost", "127.0.0.1", "::1"]);
 
@@ -35,11 +29,13 @@ export class LocalTunnels {
   #config: ClientConfig;
   #live = new Set<Promise<void>>();
   #streams = new Set<MuxStream>();
-  #tokens = OPEN_BURST;
+  /** Opens the server may still make at once: `max_tunnel_rate` a second, as much in a burst. */
+  #tokens: number;
   #refilled = performance.now();
 
   constructor(config: ClientConfig) {
     this.#config = config;
+    this.#tokens = config.maxTunnelRate;
   }
 
   /** Live tunnels right now. */
@@ -85,12 +81,10 @@ export class LocalTunnels {
       return `${this.#live.size} tunnels are open (max_tunnels)`;
     }
     const now = performance.now();
-    this.#tokens = Math.min(
-      OPEN_BURST,
-      this.#tokens + (now - this.#refilled) * OPEN_RATE_PER_S / 1000,
-    );
+    const rate = this.#config.maxTunnelRate;
+    this.#tokens = Math.min(rate, this.#tokens + (now - this.#refilled) * rate / 1000);
     this.#refilled = now;
-    if (this.#tokens < 1) return `more than ${OPEN_RATE_PER_S} tunnels a second`;
+    if (this.#tokens < 1) return `more than ${rate} tunnels a second (max_tunnel_rate)`;
     this.#tokens--;
     return null;
   }

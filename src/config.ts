@@ -222,8 +222,17 @@ export interface ClientConfig {
   allow?: { host: string; port: number }[];
   /** Tunnels open at once at most; the server cannot make the client open more. */
   maxTunnels: number;
+  /** New tunnels a second the server may make the client open (as many at once in a burst). */
+  maxTunnelRate: number;
   logLevel?: LogLevel;
 }
+
+/**
+ * New tunnels a second a server may make a client open by default: a bound on a flooding
+ * server, well above what a client serves (about 1,400 a second on two cores), so that users at
+ * a busy service are not turned away by it.
+ */
+export const DEFAULT_MAX_TUNNEL_RATE = 4000;
 
 type Table = Record<string, unknown>;
 
@@ -935,6 +944,7 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
     "shutdown_grace",
     "allow",
     "max_tunnels",
+    "max_tunnel_rate",
     "log_level",
   ]);
   const remotes = clientRemotes(r);
@@ -954,6 +964,7 @@ export async function loadClientConfig(file: string): Promise<ClientConfig> {
     shutdownGrace: r.seconds("shutdown_grace", 10, 3600),
     allow: r.has("allow") ? allowList(r) : undefined,
     maxTunnels: r.count("max_tunnels", 4096),
+    maxTunnelRate: r.count("max_tunnel_rate", DEFAULT_MAX_TUNNEL_RATE),
     logLevel: r.logLevel(),
   };
 }

@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { generateKeyPairSync } from "node:crypto";
 import { CERT_FILES } from "../src/certs.ts";
 import { VERSION } from "../src/version.ts";
+import { DEFAULT_MAX_TUNNEL_RATE, loadClientConfig } from "../src/config.ts";
 import {
   clientToml,
   connectRefused,
@@ -311,6 +312,29 @@ Deno.test("client config: an unknown key and a wrong type are named", async () =
       ),
     "infinite",
     /^expected true or false, got the string "yes"$/,
+  );
+});
+
+Deno.test("client config: max_tunnel_rate bounds a server's opens, 4000 a second unless set", async () => {
+  const fixture = await Fixture.create();
+  try {
+    const identity = await fixture.identity("rate");
+    const base = clientToml({ identity, communicationPort: freePort() });
+    const plain = await loadClientConfig(await fixture.write("plain.toml", base));
+    assert.equal(plain.maxTunnelRate, DEFAULT_MAX_TUNNEL_RATE);
+    assert.ok(DEFAULT_MAX_TUNNEL_RATE >= 4000, "the default turns away no busy service's users");
+    const set = await loadClientConfig(
+      await fixture.write("set.toml", base + "max_tunnel_rate = 250\n"),
+    );
+    assert.equal(set.maxTunnelRate, 250);
+  } finally {
+    await fixture.cleanup();
+  }
+  await clientRejects(
+    (_, identity) =>
+      clientToml({ identity, communicationPort: freePort() }) + "max_tunnel_rate = 0\n",
+    "max_tunnel_rate",
+    /^expected a whole number from 1 to 1000000, got number 0$/,
   );
 });
 
