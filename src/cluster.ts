@@ -65,6 +65,8 @@ export class Cluster {
   readonly #unsynced = new Set<string>();
   /** Called when a client gains a holder elsewhere. */
   onHeld: ((client: string) => void) | undefined;
+  /** Called when a member joins, or its peer address changes. */
+  onMembers: (() => void) | undefined;
 
   constructor(settings: ClusterSettings, etcd: EtcdSettings) {
     this.settings = settings;
@@ -121,7 +123,10 @@ export class Cluster {
       const id = rest.slice("members/".length);
       if (!present) return void this.#members.delete(id);
       const peer = peerOf(kv);
-      if (peer) this.#members.set(id, peer);
+      if (peer && this.#members.get(id) !== peer) {
+        this.#members.set(id, peer);
+        this.onMembers?.();
+      }
       return;
     }
     if (!rest.startsWith("held/")) return;

@@ -93,6 +93,8 @@ export class Peers {
   readonly #handlers: PeerHandlers;
   #listener: TlsListener | undefined;
   #tick: ReturnType<typeof setInterval> | undefined;
+  /** The peer addresses of the other members, as the cluster's records say. */
+  #members: () => string[] = () => [];
   /** Members whose last dial failed (their failure was logged once). */
   readonly #failing = new Set<string>();
   /** Links this server dialled, by peer address; a pending dial is shared. */
@@ -115,23 +117,29 @@ export class Peers {
    * link, each heartbeat.
    */
   keepLinks(members: () => string[]): void {
-    const tick = () => {
-      for (const peer of members()) {
-        if (this.#links.has(peer)) continue;
-        this.link(peer).then(() => this.#failing.delete(peer), (err) => {
-          if (this.#failing.has(peer)) return;
-          this.#failing.add(peer);
-          logger.warn("cannot link to cluster member {peer}: {error}", {
-            peer,
-            error: (err as Error).message,
-          });
-        });
-      }
-      this.announce();
-    };
+    this.#members = members;
     clearInterval(this.#tick);
-    this.#tick = setInterval(tick, PEER_INTERVAL_MS);
-    tick();
+    this.#tick = setInterval(() => {
+      this.linkMembers();
+      this.announce();
+    }, PEER_INTERVAL_MS);
+    this.linkMembers();
+  }
+
+  /** Dials every member {@link keepLinks} names that has no link yet (at once, not next tick). */
+  linkMembers(): void {
+    if (this.#closed) return;
+    for (const peer of this.#members()) {
+      if (this.#links.has(peer)) continue;
+      this.link(peer).then(() => this.#failing.delete(peer), (err) => {
+        if (this.#failing.has(peer)) return;
+        this.#failing.add(peer);
+        logger.warn("cannot link to cluster member {peer}: {error}", {
+          peer,
+          error: (err as Error).message,
+        });
+      });
+    }
   }
 
   /** Tells every server linked to us the revision of our registry. */

@@ -224,6 +224,7 @@ export class Server {
         this.close();
         throw err;
       }
+      this.#cluster!.onMembers = () => this.#peers?.linkMembers();
       this.#cluster!.start();
       this.#peers.keepLinks(() => this.#cluster!.memberPeers());
     }
