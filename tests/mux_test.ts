@@ -314,19 +314,28 @@ Deno.test("mux: streams carry bytes both ways exactly, each on its own", async (
   }
 });
 
-Deno.test("mux credit: a receiver that does not read holds one window, and the sender waits", async () => {
+/**
+ * Writes 1 MiB on a stream whose receiver does not read (after `prepare` ran on the receiving
+ * end) and checks that exactly `window` bytes arrive, the write waits, and once the receiver
+ * reads everything arrives exactly.
+ */
+async function holdsExactly(
+  window: number,
+  prepare: (theirs: MuxStream) => void = () => {},
+): Promise<void> {
   const mux = await muxPair();
   try {
     const [mine, theirs] = await mux.open();
+    prepare(theirs);
     const bytes = randomBytes(1 << 20);
     const write = mine.write(bytes);
-    await waitUntil(() => theirs.buffered >= INITIAL_WINDOW, "one window to arrive", 5000);
+    await waitUntil(() => theirs.buffered >= window, "the window to arrive", 5000);
     // A round trip on another stream: whatever the sender could have sent has arrived by now.
     const [other, otherFar] = await mux.open();
     const echoing = echo(otherFar);
     await roundTrip(other, 7);
-    assert.equal(theirs.buffered, INITIAL_WINDOW, "the receiver holds exactly one window");
-    assert.equal(mine.result.sent, INITIAL_WINDOW, "the sender sent exactly its credit");
+    assert.equal(theirs.buffered, window, "the receiver holds exactly the window");
+    assert.equal(mine.result.sent, window, "the sender sent exactly its credit");
     assert.equal(await state(write), "pending", "the write resolved without credit");
     // Once the receiver reads, everything arrives, exactly, and the write completes.
     const got = await readN(theirs, bytes.length);
@@ -337,30 +346,14 @@ Deno.test("mux credit: a receiver that does not read holds one window, and the s
   } finally {
     await mux.close();
   }
+}
+
+Deno.test("mux credit: a receiver that does not read holds one window, and the sender waits", async () => {
+  await holdsExactly(INITIAL_WINDOW);
 });
 
 Deno.test("mux credit: a widened window lets the sender run ahead by that much, no more", async () => {
-  const mux = await muxPair();
-  try {
-    const [mine, theirs] = await mux.open();
-    const wide = 4 * INITIAL_WINDOW;
-    theirs.widen(wide);
-    const bytes = randomBytes(1 << 20);
-    const write = mine.write(bytes);
-    await waitUntil(() => theirs.buffered >= wide, "the widened window to arrive", 5000);
-    const [other, otherFar] = await mux.open();
-    const echoing = echo(otherFar);
-    await roundTrip(other, 9);
-    assert.equal(theirs.buffered, wide, "the receiver holds exactly the widened window");
-    assert.equal(mine.result.sent, wide, "the sender sent exactly its widened credit");
-    const got = await readN(theirs, bytes.length);
-    assert.equal(firstDifference(got, bytes), -1);
-    await write;
-    await other.closeWrite();
-    await echoing;
-  } finally {
-    await mux.close();
-  }
+  await holdsExactly(4 * INITIAL_WINDOW, (theirs) => theirs.widen(4 * INITIAL_WINDOW));
 });
 
 Deno.test("mux credit: a peer that sends past its credit loses the connection", async () => {
