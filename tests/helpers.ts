@@ -16,21 +16,41 @@ export const DEADLINE_MS = 20_000;
 /** Ports {@link freePort} has handed out in this process; never handed out twice. */
 const handedOut = new Set<number>();
 
+/** The lowest port {@link freePort} hands out: above the well-known and common service ports. */
+const FREE_PORT_LOW = 10_000;
+
+/** The kernel's range for outgoing connections' local ports (Linux default when unreadable). */
+const EPHEMERAL = (() => {
+  try {
+    const [low, high] = Deno.readTextFileSync("/proc/sys/net/ipv4/ip_local_port_range")
+      .trim().split(/\s+/).map(Number);
+    if (Number.isInteger(low) && Number.isInteger(high)) return { low, high };
+  } catch { /* not Linux, or /proc hidden: assume Linux's default */ }
+  return { low: 32_768, high: 60_999 };
+})();
+
 /**
- * Returns a TCP port that was free on 127.0.0.1 a moment ago, and that this process has not
- * been given before: the kernel may offer a just-closed port again, and two ports of one test
- * (say communication_port and a service port) must differ.
+ * Returns a TCP port that was free on every address a moment ago, that this process has not
+ * been given before, and that lies outside the kernel's ephemeral range: a port taken from that
+ * range (as `port: 0` gives) may be picked as the local port of any outgoing connection before the
+ * program under test binds it, which made a server fail with "the port is in use".
  */
 export function freePort(): number {
-  for (;;) {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const port = (listener.addr as Deno.NetAddr).port;
-    listener.close();
-    if (!handedOut.has(port)) {
-      handedOut.add(port);
-      return port;
+  const below = EPHEMERAL.low - FREE_PORT_LOW;
+  const above = Math.max(0, 65_535 - EPHEMERAL.high);
+  for (let attempt = 0; attempt < 10_000; attempt++) {
+    const pick = Math.floor(Math.random() * (below + above));
+    const port = pick < below ? FREE_PORT_LOW + pick : EPHEMERAL.high + 1 + pick - below;
+    if (handedOut.has(port)) continue;
+    try {
+      Deno.listen({ hostname: "0.0.0.0", port }).close();
+    } catch {
+      continue;
     }
+    handedOut.add(port);
+    return port;
   }
+  throw new Error("freePort: no free port outside the ephemeral range after 10,000 tries");
 }
 
 /**
