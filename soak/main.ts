@@ -13,7 +13,14 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
-import { clientToml, Fixture, type Identity, ROOT, serverToml } from "../tests/helpers.ts";
+import {
+  clientToml,
+  Fixture,
+  freePort,
+  type Identity,
+  ROOT,
+  serverToml,
+} from "../tests/helpers.ts";
 import { establishedWith, mib, procStats } from "../tests/reliability_helpers.ts";
 import type { StatusDocument } from "../src/status.ts";
 
@@ -99,15 +106,6 @@ class Child {
       // Already gone.
     }
   }
-}
-
-/** Ports free a moment ago, all different. */
-function freePorts(n: number): number[] {
-  const listeners: Deno.Listener[] = [];
-  for (let i = 0; i < n; i++) listeners.push(Deno.listen({ hostname: "127.0.0.1", port: 0 }));
-  const ports = listeners.map((l) => (l.addr as Deno.NetAddr).port);
-  for (const l of listeners) l.close();
-  return ports;
 }
 
 async function waitFor<T>(what: string, timeoutMs: number, check: () => Promise<T | undefined>) {
@@ -230,7 +228,10 @@ let exitCode = 1;
 try {
   const identities: Identity[] = [];
   for (let i = 0; i < CLIENTS; i++) identities.push(await fixture.identity(`soak-${i}`));
-  const [communicationPort, statusPort, ...servicePorts] = freePorts(CLIENTS + 2);
+  const [communicationPort, statusPort, ...servicePorts] = Array.from(
+    { length: CLIENTS + 2 },
+    freePort,
+  );
 
   const echo = new Child("echo", "soak/echo.ts", [], ["--allow-net"]);
   children.push(echo);
