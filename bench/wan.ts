@@ -9,6 +9,8 @@
  *
  *   natadm: user → server ─(TLS)→ relay(20 ms) ⇄ veth ⇄ client → target
  *   direct: user → relay(20 ms) ⇄ veth ⇄ target
+ *
+ * Each figure is the mean of two runs per path in ABBA order (direct, natadm, natadm, direct).
  * @module
  */
 import { clientToml, type Fixture, freePort, ROOT, serverToml } from "../tests/helpers.ts";
@@ -17,6 +19,9 @@ import { fmt } from "./cases.ts";
 import { linkedPair, type NetNs, netnsUnavailable, PAIR_ADDR, removeStale } from "./netns.ts";
 import { Proc, stopTracked, track } from "./proc.ts";
 import type { SysId, TargetPorts } from "./systems.ts";
+
+/** The two paths compared across the link. */
+type WanPath = Extract<SysId, "direct" | "natadm">;
 
 /** One-way delay added by the relay, ms. */
 export const WAN_DELAY_MS = 20;
@@ -120,35 +125,60 @@ export async function wan(ctx: Context, fixture: Fixture): Promise<void> {
 
     const q = ctx.params.quick;
     const seconds = q ? 3 : 8;
-    const systems: [SysId, TargetPorts][] = [["direct", direct], ["natadm", natadm]];
-    for (const [id, front] of systems) {
+    const fronts: Record<WanPath, TargetPorts> = { direct, natadm };
+    // The VM's host disturbs the link now and then for seconds at a time: each figure is the mean
+    // of two runs per path in ABBA order, so a disturbance falls on both paths alike.
+    const abba = async (
+      what: string,
+      measure: (front: TargetPorts) => Promise<Record<string, number>>,
+      record: (id: WanPath, runs: Record<string, number>[]) => void,
+    ) => {
       try {
-        const fb = await user("firstbyte", front, ["--count", q ? "20" : "100"]);
-        ctx.rec.set("wan_fb_p50", id, fb.p50);
-        ctx.rec.set("wan_fb_p99", id, fb.p99);
-        ctx.rec.detail("wan_first_byte", id, fb);
-        ctx.log(`  first byte   ${id.padEnd(8)} p50 ${fmt(fb.p50)} ms  p99 ${fmt(fb.p99)} ms`);
-        for (const [key, reverse] of [["up", false], ["down", true]] as const) {
-          const extra = ["--seconds", String(seconds), ...(reverse ? ["--reverse"] : [])];
-          const b = await user("bulk", front, extra);
-          ctx.rec.set(`wan_${key}`, id, b.mbps);
-          ctx.log(`  bulk ${key.padEnd(4)}    ${id.padEnd(8)} ${fmt(b.mbps, 2)} MB/s`);
-          const f = await user("fair", front, extra);
-          ctx.rec.set(`wan_fair_${key}_p99`, id, f.p99);
-          ctx.rec.detail(`wan_fair_${key}`, id, f);
-          ctx.log(
-            `  RTT during bulk ${key.padEnd(4)} ${id.padEnd(8)} p50 ${fmt(f.p50)} ms  p99 ${
-              fmt(f.p99)
-            } ms  (bulk ${fmt(f.mbps, 2)} MB/s)`,
-          );
+        const runs: Record<WanPath, Record<string, number>[]> = { direct: [], natadm: [] };
+        for (const id of ["direct", "natadm", "natadm", "direct"] as const) {
+          runs[id].push(await measure(fronts[id]));
+          if (server.exited || client.exited) {
+            throw new Error(`NATadm died: ${server.exited ? server.tail(4) : client.tail(4)}`);
+          }
         }
+        for (const id of ["direct", "natadm"] as const) record(id, runs[id]);
       } catch (err) {
-        ctx.rec.errors.push(`wan, ${id}: ${(err as Error).message.split("\n")[0]}`);
-        ctx.log(`  ERROR wan, ${id}: ${(err as Error).message}`);
+        ctx.rec.errors.push(`wan, ${what}: ${(err as Error).message.split("\n")[0]}`);
+        ctx.log(`  ERROR wan, ${what}: ${(err as Error).message}`);
       }
-      if (server.exited || client.exited) {
-        throw new Error(`NATadm died: ${server.exited ? server.tail(4) : client.tail(4)}`);
-      }
+    };
+    const mean = (runs: Record<string, number>[], key: string) =>
+      runs.reduce((sum, r) => sum + r[key], 0) / runs.length;
+
+    await abba(
+      "first byte",
+      (front) => user("firstbyte", front, ["--count", q ? "20" : "100"]),
+      (id, runs) => {
+        const [p50, p99] = [mean(runs, "p50"), mean(runs, "p99")];
+        ctx.rec.set("wan_fb_p50", id, p50);
+        ctx.rec.set("wan_fb_p99", id, p99);
+        ctx.rec.detail("wan_first_byte", id, { p50, p99, runs });
+        ctx.log(`  first byte   ${id.padEnd(8)} p50 ${fmt(p50)} ms  p99 ${fmt(p99)} ms`);
+      },
+    );
+    for (const [key, reverse] of [["up", false], ["down", true]] as const) {
+      const extra = ["--seconds", String(seconds), ...(reverse ? ["--reverse"] : [])];
+      await abba(`bulk ${key}`, (front) => user("bulk", front, extra), (id, runs) => {
+        const mbps = mean(runs, "mbps");
+        ctx.rec.set(`wan_${key}`, id, mbps);
+        ctx.rec.detail(`wan_bulk_${key}`, id, { mbps, runs: runs.map((r) => r.mbps) });
+        ctx.log(`  bulk ${key.padEnd(4)}    ${id.padEnd(8)} ${fmt(mbps, 2)} MB/s`);
+      });
+      await abba(`RTT during bulk ${key}`, (front) => user("fair", front, extra), (id, runs) => {
+        const [p50, p99, mbps] = [mean(runs, "p50"), mean(runs, "p99"), mean(runs, "mbps")];
+        ctx.rec.set(`wan_fair_${key}_p99`, id, p99);
+        ctx.rec.detail(`wan_fair_${key}`, id, { p50, p99, mbps, runs });
+        ctx.log(
+          `  RTT during bulk ${key.padEnd(4)} ${id.padEnd(8)} p50 ${fmt(p50)} ms  p99 ${
+            fmt(p99)
+          } ms  (bulk ${fmt(mbps, 2)} MB/s)`,
+        );
+      });
     }
     ctx.rec.detail("wan_link", "natadm", {
       rate: WAN_RATE,
