@@ -46,6 +46,12 @@ const GROW_DRAIN_MS = 5;
  */
 const GRANT_PARTS = 4;
 
+/**
+ * On a long link credit goes back in eighths: a window needs less beyond the link's round trip
+ * to keep it full, and so queues less ahead of other streams. A grant costs 13 bytes.
+ */
+const LONG_LINK_GRANT_PARTS = 8;
+
 /** The largest window on a connection with a short round trip (a LAN, loopback). */
 const LAN_WINDOW = 256 * 1024;
 
@@ -56,11 +62,26 @@ const LAN_WINDOW = 256 * 1024;
  */
 const WINDOW_PER_RTT_MS = 16 * 1024;
 
-/** A window grows only while its stream's bytes wait in the path at most this long. */
-const GROW_QUEUE_MS = 2;
+/**
+ * On a long link, a window grows only while its stream's bytes wait in the path at most this
+ * long beyond the connection's shortest round trip.
+ */
+const GROW_QUEUE_MS = 4;
 
-/** A window shrinks once its stream's bytes wait in the path longer than this. */
-const SHRINK_QUEUE_MS = 8;
+/** On a long link, a window shrinks once its stream's bytes wait in the path longer than this. */
+const SHRINK_QUEUE_MS = 10;
+
+/**
+ * On a long link a window steps by this fraction of itself once the path has shown a queue:
+ * windows near the link's capacity move by a few milliseconds of queue at a time.
+ */
+const WINDOW_STEP_PARTS = 8;
+
+/** Round trips a long link's window change waits for before the next. */
+const EPOCH_SAMPLES = 4;
+
+/** Grants remembered per stream for round-trip samples (older ones are dropped). */
+const MAX_GRANT_LOG = 16;
 
 /**
  * A receive window grows only once its stream has delivered this much: a user who never reads
@@ -168,13 +189,24 @@ export class MuxStream implements Stream {
   #unacked = 0;
   /** When the peer last said it was blocked, if that is not settled yet. */
   #blockedAt: number | undefined;
-  /** The peer was blocked when we last granted credit, and this is when we did. */
-  #grantedBlockedAt: number | undefined;
+  /** The stream offset up to which the peer may send: everything granted so far. */
+  #limit = INITIAL_WINDOW;
   /**
-   * How long the peer's first bytes took to arrive after a grant it was waiting for: a round
-   * trip plus whatever waits in the path ahead of them (other bytes of the connection).
+   * Grants not yet answered: the limit before each, and when it went out. The first byte past
+   * `before` can only have been sent once that grant arrived, so its arrival closes a round trip
+   * plus whatever waited in the path ahead of it (other bytes of the connection).
    */
-  #pathDelay = 0;
+  #grants: { before: number; at: number }[] = [];
+  /** Such round trips since the window last changed (the most recent {@link MAX_GRANT_LOG}). */
+  #epochRtts: number[] = [];
+  /** When the window last changed; grants before it say nothing of the new window. */
+  #epochAt = 0;
+  /** Bytes consumed when the window last changed. */
+  #epochDelivered = 0;
+  /** The fastest delivery seen over a judged epoch, bytes per ms. */
+  #bestRate = 0;
+  /** On a long link: the window still doubles, as no queue has been seen yet. */
+  #slowStart = true;
   /** Credit still to be withheld from grants after the window shrank. */
   #debt = 0;
   /** Bytes consumed over the stream's life. */
@@ -276,9 +308,15 @@ export class MuxStream implements Stream {
     }
     this.#available -= payload.length;
     this.result.received += payload.length;
-    if (this.#grantedBlockedAt !== undefined) {
-      this.#pathDelay = performance.now() - this.#grantedBlockedAt;
-      this.#grantedBlockedAt = undefined;
+    const end = this.result.received;
+    while (this.#grants.length > 0 && end > this.#grants[0].before) {
+      const grant = this.#grants.shift()!;
+      const rtt = performance.now() - grant.at;
+      this.#mux.sampleRtt(rtt);
+      if (grant.at >= this.#epochAt) {
+        this.#epochRtts.push(rtt);
+        if (this.#epochRtts.length > MAX_GRANT_LOG) this.#epochRtts.shift();
+      }
     }
     if (this.#finished) return; // reset here already; the peer will hear of it
     this.#in.push(payload);
@@ -389,10 +427,19 @@ export class MuxStream implements Stream {
     const grow = target - this.#window;
     if (!this.#mux.budget.take(grow)) return;
     this.#window = target;
-    this.#available += grow;
+    this.#sendGrant(grow);
+  }
+
+  /** Grants the peer `n` more bytes, remembering when, for round-trip samples. */
+  #sendGrant(n: number): void {
+    this.#available += n;
+    const at = performance.now();
+    this.#grants.push({ before: this.#limit, at });
+    if (this.#grants.length > MAX_GRANT_LOG) this.#grants.shift();
+    this.#limit += n;
     const frame = new Uint8Array(MUX_HEADER_BYTES + 4);
     writeHeader(frame, 0, FrameType.WINDOW, this.id, 4);
-    new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, grow);
+    new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, n);
     this.#mux.queueControl(frame);
   }
 
@@ -406,47 +453,92 @@ export class MuxStream implements Stream {
    * `n` received bytes have left our hands: grant them back once a quarter window is due.
    *
    * The window adapts to the path. When the peer says it was blocked and everything it sent
-   * was delivered at once, the window may be what holds it back: it doubles (within
-   * the mux's `maxWindow` and the budget) if the bytes that followed our last grant came within a
-   * round trip plus {@link GROW_QUEUE_MS}, that is, if little of this connection waits in the
-   * path. If they took much longer, the path itself is full (the window only queues bytes
-   * ahead of other streams' bytes), and the window halves again.
+   * was delivered at once, the window may be what holds it back, and it grows (within the mux's
+   * `maxWindow` and the budget). On a short link it doubles: its `maxWindow` is small enough
+   * that a full window never waits long. On a long link it grows only while its bytes arrive
+   * within {@link GROW_QUEUE_MS} of the connection's shortest round trip, and it shrinks once
+   * they wait more than {@link SHRINK_QUEUE_MS}: beyond what the link carries in a round trip,
+   * a window only queues bytes ahead of other streams' bytes. It doubles until the path first
+   * shows a queue, then steps by an eighth, so it settles where the link is full and little
+   * waits.
    */
   #consumed(n: number): void {
     this.#unacked += n;
     this.#delivered += n;
     if (this.#finished || this.#remoteEnded) return;
     let grow = 0;
-    const blocked = this.#blockedAt !== undefined;
-    if (blocked && this.#in.length === 0) {
-      const quick = performance.now() - this.#blockedAt! <
-        Math.max(GROW_DRAIN_MS, this.#mux.rttMs);
+    if (this.#blockedAt !== undefined && this.#in.length === 0) {
+      const now = performance.now();
+      const quick = now - this.#blockedAt < Math.max(GROW_DRAIN_MS, this.#mux.rttMs);
       this.#blockedAt = undefined;
-      const queued = this.#pathDelay - this.#mux.rttMs;
-      if (queued > SHRINK_QUEUE_MS && this.#window > INITIAL_WINDOW) {
-        this.#window /= 2;
-        this.#debt += this.#window;
-        this.#mux.budget.release(this.#window);
-      } else if (
-        quick && queued <= GROW_QUEUE_MS && this.#delivered >= GROW_AFTER_BYTES &&
-        this.#window < this.#mux.maxWindow && this.#mux.budget.take(this.#window)
-      ) {
-        grow = this.#window;
-        this.#window *= 2;
-      }
+      grow = this.#mux.maxWindow > LAN_WINDOW ? this.#adapt(quick, now) : this.#double(quick);
     }
-    if (grow === 0 && this.#unacked < this.#window / GRANT_PARTS) return;
+    if (grow === 0 && this.#unacked < this.#window / this.#mux.grantParts) return;
     const repaid = Math.min(this.#debt, this.#unacked);
     this.#debt -= repaid;
     const grant = this.#unacked - repaid + grow;
     this.#unacked = 0;
-    if (grant === 0) return;
-    this.#available += grant;
-    if (blocked) this.#grantedBlockedAt = performance.now();
-    const frame = new Uint8Array(MUX_HEADER_BYTES + 4);
-    writeHeader(frame, 0, FrameType.WINDOW, this.id, 4);
-    new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, grant);
-    this.#mux.queueControl(frame);
+    if (grant > 0) this.#sendGrant(grant);
+  }
+
+  /** Whether the window may grow at all: the reader keeps up and has proved a fast path. */
+  #mayGrow(quick: boolean): boolean {
+    return quick && this.#delivered >= GROW_AFTER_BYTES && this.#window < this.#mux.maxWindow;
+  }
+
+  /** A short link's growth: the window doubles. Returns the bytes grown. */
+  #double(quick: boolean): number {
+    if (!this.#mayGrow(quick)) return 0;
+    const grow = Math.min(this.#window, this.#mux.maxWindow - this.#window);
+    if (!this.#mux.budget.take(grow)) return 0;
+    this.#window += grow;
+    return grow;
+  }
+
+  /** A long link's growth and shrinking, by the queue its round trips show. Returns the growth. */
+  #adapt(quick: boolean, now: number): number {
+    // Judge a window by the least of several round trips over two round trips' time at least: a
+    // queue the window built shows in all of them, a passing stall elsewhere in a few.
+    const judged = this.#epochRtts.length >= EPOCH_SAMPLES &&
+      now - this.#epochAt >= 2 * this.#mux.minRttMs;
+    const queued = judged ? median(this.#epochRtts) - this.#mux.minRttMs : 0;
+    if (judged) {
+      const rate = (this.#delivered - this.#epochDelivered) / (now - this.#epochAt);
+      this.#bestRate = Math.max(this.#bestRate, rate);
+    }
+    // Never below what carried the fastest delivery seen over the shortest round trip, with
+    // the credit still on its way back: a queue of the link's own making (a burst, another
+    // connection's bytes) must not starve the stream.
+    const floor = Math.max(
+      INITIAL_WINDOW,
+      this.#bestRate * this.#mux.minRttMs * (1 + 2 / this.#mux.grantParts),
+    );
+    if (judged && queued > SHRINK_QUEUE_MS && this.#window > floor) {
+      this.#slowStart = false;
+      const shrink = Math.ceil(Math.min(this.#window - floor, this.#window / WINDOW_STEP_PARTS));
+      this.#window -= shrink;
+      this.#debt += shrink;
+      this.#mux.budget.release(shrink);
+      this.#newEpoch(now);
+      return 0;
+    }
+    let step: number;
+    if (this.#slowStart && this.#window < this.#mux.slowStartWindow) step = this.#window;
+    else if (judged && queued <= GROW_QUEUE_MS) step = Math.ceil(this.#window / WINDOW_STEP_PARTS);
+    else return 0;
+    if (!this.#mayGrow(quick)) return 0;
+    const grow = Math.min(step, this.#mux.maxWindow - this.#window);
+    if (!this.#mux.budget.take(grow)) return 0;
+    this.#window += grow;
+    this.#newEpoch(now);
+    return grow;
+  }
+
+  /** The window changed: round trips measured from now on tell what the new one does. */
+  #newEpoch(now: number): void {
+    this.#epochAt = now;
+    this.#epochDelivered = this.#delivered;
+    this.#epochRtts = [];
   }
 
   // ---- Both ---------------------------------------------------------------------------------
@@ -534,13 +626,23 @@ export class Mux {
   readonly link: Stream;
   readonly budget: WindowBudget;
   readonly rttMs: number;
+  /** The shortest round trip seen on this connection: the handshake's, or a stream's since. */
+  minRttMs: number;
   /**
-   * The largest a receive window grows on this connection: enough for a fast stream over its
-   * round trip ({@link WINDOW_PER_RTT_MS} per millisecond of it), at least {@link LAN_WINDOW},
-   * at most {@link MAX_WINDOW}. Every byte of a window in flight can stand in the path ahead
-   * of another stream's byte, so a short link keeps windows short.
+   * The largest a receive window grows on this connection. A short link (a LAN, loopback) keeps
+   * {@link LAN_WINDOW}: every byte of a window in flight can stand in the path ahead of another
+   * stream's byte. A long one (where {@link WINDOW_PER_RTT_MS} per millisecond of round trip is
+   * more) allows twice that, at most {@link MAX_WINDOW}: there the round trips a window brings
+   * decide how far it grows.
    */
   readonly maxWindow: number;
+  /**
+   * On a long link, a window doubles up to this ({@link WINDOW_PER_RTT_MS} per millisecond of
+   * round trip, to a power of two) while no queue shows, and steps by an eighth beyond.
+   */
+  readonly slowStartWindow: number;
+  /** Credit goes back once this fraction of a window is consumed. */
+  readonly grantParts: number;
   readonly streams = new Map<number, MuxStream>();
   /** Time of the last frame from the peer (performance.now()). */
   lastHeard = performance.now();
@@ -563,11 +665,19 @@ export class Mux {
     this.#events = events;
     this.#maxStreams = options.maxStreams;
     this.rttMs = options.rttMs;
-    this.maxWindow = Math.min(
-      MAX_WINDOW,
-      Math.max(LAN_WINDOW, 2 ** Math.floor(Math.log2(options.rttMs * WINDOW_PER_RTT_MS))),
-    );
+    this.minRttMs = options.rttMs;
+    const perRtt = options.rttMs * WINDOW_PER_RTT_MS;
+    this.slowStartWindow = Math.min(MAX_WINDOW, 2 ** Math.floor(Math.log2(Math.max(1, perRtt))));
+    this.maxWindow = perRtt > LAN_WINDOW
+      ? Math.min(MAX_WINDOW, Math.ceil(2 * perRtt / 4096) * 4096)
+      : LAN_WINDOW;
+    this.grantParts = this.maxWindow > LAN_WINDOW ? LONG_LINK_GRANT_PARTS : GRANT_PARTS;
     this.budget = options.budget ?? DEFAULT_BUDGET;
+  }
+
+  /** A stream measured a round trip of `ms` (a grant and the bytes it let through). */
+  sampleRtt(ms: number): void {
+    if (ms < this.minRttMs) this.minRttMs = ms;
   }
 
   /** Whether the connection is over. */
@@ -874,4 +984,11 @@ export async function relay(local: Stream, stream: MuxStream): Promise<StreamRes
   const result = await stream.done;
   local.close();
   return result;
+}
+
+/** The middle value of `values` (not empty); the mean of the two middle ones for an even count. */
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
 }

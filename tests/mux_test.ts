@@ -24,6 +24,7 @@ import {
   writeHeader,
 } from "../src/protocol.ts";
 import { Mux, type MuxStream, WindowBudget } from "../src/mux.ts";
+import { ConnStream } from "../src/transport.ts";
 import { firstDifference, randomBytes, waitUntil } from "./helpers.ts";
 import { tcpPair } from "./wire.ts";
 
@@ -524,5 +525,143 @@ Deno.test("mux: a bulk stream moving 200 MiB does not starve another stream's ro
     await echoing;
   } finally {
     await mux.close();
+  }
+});
+
+/**
+ * A slow, distant link between two TCP connections, in this process: each direction carries
+ * `bytesPerSecond`, and every byte arrives `delayMs` after it left. While `bufferBytes` wait to
+ * leave, it stops reading, so more waits in the kernel's socket buffers, as before a real
+ * bottleneck.
+ */
+async function slowLink(bytesPerSecond: number, delayMs: number, bufferBytes: number) {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  const [inner, outer] = await Promise.all([
+    Deno.connect({ hostname: "127.0.0.1", port }),
+    listener.accept(),
+  ]);
+  const [farInner, farOuter] = await Promise.all([
+    Deno.connect({ hostname: "127.0.0.1", port }),
+    listener.accept(),
+  ]);
+  listener.close();
+  for (const c of [inner, outer, farInner, farOuter]) (c as Deno.TcpConn).setNoDelay(true);
+  const carry = async (from: Deno.Conn, to: Deno.Conn) => {
+    const queue: { bytes: Uint8Array; at: number }[] = [];
+    let departs = 0, ended = false;
+    let wake: (() => void) | undefined;
+    const sending = (async () => {
+      for (;;) {
+        const next = queue[0];
+        if (!next) {
+          if (ended) return;
+          await new Promise<void>((r) => wake = r);
+          continue;
+        }
+        const wait = next.at - performance.now();
+        if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+        queue.shift();
+        await to.write(next.bytes);
+      }
+    })();
+    const buf = new Uint8Array(16 * 1024);
+    try {
+      for (;;) {
+        const backlog = (departs - performance.now()) / 1000 * bytesPerSecond;
+        if (backlog >= bufferBytes) {
+          await new Promise((r) =>
+            setTimeout(r, (backlog - bufferBytes / 2) / bytesPerSecond * 1000)
+          );
+          continue;
+        }
+        const n = await from.read(buf);
+        if (n === null) break;
+        departs = Math.max(departs, performance.now()) + n / bytesPerSecond * 1000;
+        queue.push({ bytes: buf.slice(0, n), at: departs + delayMs });
+        wake?.();
+      }
+    } catch { /* closed */ }
+    ended = true;
+    wake?.();
+    await sending.catch(() => {});
+  };
+  const carrying = Promise.all([carry(outer, farInner), carry(farInner, outer)]);
+  return {
+    a: new ConnStream(inner),
+    b: new ConnStream(farOuter),
+    async close() {
+      for (const c of [inner, outer, farInner, farOuter]) {
+        try {
+          c.close();
+        } catch { /* closed */ }
+      }
+      await carrying;
+    },
+  };
+}
+
+Deno.test("mux on a long link: a bulk stream's window stops where the link is full, so another stream's round trips stay near the link's own", async () => {
+  // 4 MB/s and 40 ms: the link carries 160 KB in a round trip. A window that grew to the
+  // largest a 40 ms handshake allows would put 350 KB (90 ms) ahead of every chat byte.
+  const rate = 4_000_000, delayMs = 20;
+  const link = await slowLink(rate, delayMs, 64 * 1024);
+  const budget = new WindowBudget(64 * 1024 * 1024);
+  const opened: MuxStream[] = [];
+  const sender = new Mux(link.a, { onControl: () => {} }, { maxStreams: 10, rttMs: 40, budget });
+  const receiver = new Mux(link.b, {
+    onOpen: (stream) => opened.push(stream),
+    onControl: () => {},
+  }, { maxStreams: 10, rttMs: 40, budget });
+  const runs = [sender.run(), receiver.run()];
+  try {
+    const bulk = sender.open(encoder.encode("{}"));
+    const chat = sender.open(encoder.encode("{}"));
+    await waitUntil(() => opened.length === 2, "both streams to open", 5000);
+    const [bulkFar, chatFar] = opened;
+    let received = 0;
+    const draining = (async () => {
+      const buf = new Uint8Array(64 * 1024);
+      for (;;) {
+        const n = await bulkFar.read(buf);
+        if (n === null) break;
+        received += n;
+      }
+    })();
+    draining.catch(() => {});
+    const echoing = echo(chatFar);
+    echoing.catch(() => {});
+    const total = 16 * 1024 * 1024;
+    const chunk = randomBytes(256 * 1024);
+    const sending = (async () => {
+      for (let sent = 0; sent < total; sent += chunk.length) await bulk.write(chunk);
+      await bulk.closeWrite();
+    })();
+    sending.catch(() => {});
+    // Past the first second the window has found its size; measure from there.
+    await waitUntil(() => received >= rate, "the first second of bulk", 10_000);
+    const from = { at: performance.now(), bytes: received };
+    const times: number[] = [];
+    while (received < total * 0.9) times.push(await roundTrip(chat, times.length & 0xff));
+    const mbps = (received - from.bytes) / (performance.now() - from.at) / 1000;
+    await sending;
+    await draining;
+    assert.equal(received, total);
+    times.sort((a, b) => a - b);
+    const median = times[times.length >> 1];
+    const report = `${times.length} round trips: median ${median.toFixed(1)} ms, p90 ${
+      times[Math.floor(times.length * 0.9)].toFixed(1)
+    } ms; bulk ${mbps.toFixed(2)} MB/s of the link's ${rate / 1e6}`;
+    assert.ok(times.length >= 20, report);
+    // The link's own round trip is 40 ms; what the bulk stream queues ahead adds to it.
+    assert.ok(median < 2 * 2 * delayMs, report);
+    assert.ok(mbps > 0.7 * rate / 1e6, report);
+    await chat.closeWrite();
+    await echoing;
+  } finally {
+    sender.close();
+    receiver.close();
+    await Promise.all(runs);
+    await link.close();
   }
 });
