@@ -189,8 +189,6 @@ export class MuxStream implements Stream {
   #unacked = 0;
   /** When the peer last said it was blocked, if that is not settled yet. */
   #blockedAt: number | undefined;
-  /** The stream offset up to which the peer may send: everything granted so far. */
-  #limit = INITIAL_WINDOW;
   /**
    * Grants not yet answered: the limit before each, and when it went out. The first byte past
    * `before` can only have been sent once that grant arrived, so its arrival closes a round trip
@@ -432,11 +430,12 @@ export class MuxStream implements Stream {
 
   /** Grants the peer `n` more bytes, remembering when, for round-trip samples. */
   #sendGrant(n: number): void {
-    this.#available += n;
     const at = performance.now();
-    this.#grants.push({ before: this.#limit, at });
+    // What the peer may send up to before this grant: what it sent, and the credit it holds.
+    const before = this.result.received + this.#available;
+    this.#available += n;
+    this.#grants.push({ before, at });
     if (this.#grants.length > MAX_GRANT_LOG) this.#grants.shift();
-    this.#limit += n;
     const frame = new Uint8Array(MUX_HEADER_BYTES + 4);
     writeHeader(frame, 0, FrameType.WINDOW, this.id, 4);
     new DataView(frame.buffer).setUint32(MUX_HEADER_BYTES, n);
@@ -450,7 +449,8 @@ export class MuxStream implements Stream {
   }
 
   /**
-   * `n` received bytes have left our hands: grant them back once a quarter window is due.
+   * `n` received bytes have left our hands: grant them back once a quarter window is due (an
+   * eighth on a long link).
    *
    * The window adapts to the path. When the peer says it was blocked and everything it sent
    * was delivered at once, the window may be what holds it back, and it grows (within the mux's
@@ -458,9 +458,9 @@ export class MuxStream implements Stream {
    * that a full window never waits long. On a long link it grows only while its bytes arrive
    * within {@link GROW_QUEUE_MS} of the connection's shortest round trip, and it shrinks once
    * they wait more than {@link SHRINK_QUEUE_MS}: beyond what the link carries in a round trip,
-   * a window only queues bytes ahead of other streams' bytes. It doubles until the path first
-   * shows a queue, then steps by an eighth, so it settles where the link is full and little
-   * waits.
+   * a window only queues bytes ahead of other streams' bytes. It doubles up to the mux's
+   * `slowStartWindow` until the path shows a queue, then steps by an eighth, and never shrinks
+   * below what its fastest delivery needs, so it settles where the link is full and little waits.
    */
   #consumed(n: number): void {
     this.#unacked += n;
@@ -497,8 +497,8 @@ export class MuxStream implements Stream {
 
   /** A long link's growth and shrinking, by the queue its round trips show. Returns the growth. */
   #adapt(quick: boolean, now: number): number {
-    // Judge a window by the least of several round trips over two round trips' time at least: a
-    // queue the window built shows in all of them, a passing stall elsewhere in a few.
+    // Judge a window by the median of several round trips over two round trips' time at least: a
+    // queue the window built shows in most of them, a passing stall elsewhere in a few.
     const judged = this.#epochRtts.length >= EPOCH_SAMPLES &&
       now - this.#epochAt >= 2 * this.#mux.minRttMs;
     const queued = judged ? median(this.#epochRtts) - this.#mux.minRttMs : 0;

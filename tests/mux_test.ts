@@ -277,6 +277,21 @@ async function roundTrip(mine: MuxStream, byte: number): Promise<number> {
   return performance.now() - started;
 }
 
+/** Reads `stream` to its end, counting what came; `done` settles at the end (awaited by the caller). */
+function drain(stream: MuxStream): { received: number; done: Promise<void> } {
+  const sink = { received: 0, done: Promise.resolve() };
+  sink.done = (async () => {
+    const buf = new Uint8Array(256 * 1024);
+    for (;;) {
+      const n = await stream.read(buf);
+      if (n === null) break;
+      sink.received += n;
+    }
+  })();
+  sink.done.catch(() => {}); // awaited by the test; cut short if an assertion fails first
+  return sink;
+}
+
 /** Echoes everything `stream` receives back on it, until its end. */
 async function echo(stream: MuxStream): Promise<void> {
   const buf = new Uint8Array(64 * 1024);
@@ -453,16 +468,7 @@ Deno.test("mux: a bulk stream moving 200 MiB does not starve another stream's ro
     const [bulk, bulkFar] = await mux.open();
     const [chat, chatFar] = await mux.open();
     const total = 200 * 1024 * 1024;
-    let received = 0;
-    const draining = (async () => {
-      const buf = new Uint8Array(256 * 1024);
-      for (;;) {
-        const n = await bulkFar.read(buf);
-        if (n === null) break;
-        received += n;
-      }
-    })();
-    draining.catch(() => {}); // awaited below; cut short if an assertion fails first
+    const sink = drain(bulkFar);
     // Bulk bytes the receiver consumed between each chat byte's write and its arrival: what
     // was queued ahead of it. Unlike time, this does not depend on the machine's load.
     let mark = 0;
@@ -472,7 +478,7 @@ Deno.test("mux: a bulk stream moving 200 MiB does not starve another stream's ro
       for (;;) {
         const n = await chatFar.read(buf);
         if (n === null) break;
-        ahead.push(received - mark);
+        ahead.push(sink.received - mark);
         await chatFar.write(buf.slice(0, n));
       }
       await chatFar.closeWrite();
@@ -491,16 +497,16 @@ Deno.test("mux: a bulk stream moving 200 MiB does not starve another stream's ro
       await bulk.closeWrite();
     })();
     sending.catch(() => {});
-    await waitUntil(() => received > 0, "the bulk stream to flow", 5000);
+    await waitUntil(() => sink.received > 0, "the bulk stream to flow", 5000);
     const times: number[] = [];
-    while (received < total * 0.9 && times.length < 2000) {
-      mark = received;
+    while (sink.received < total * 0.9 && times.length < 2000) {
+      mark = sink.received;
       times.push(await roundTrip(chat, times.length & 0xff));
     }
-    const duringBulk = received;
+    const duringBulk = sink.received;
     await sending;
-    await draining;
-    assert.equal(received, total);
+    await sink.done;
+    assert.equal(sink.received, total);
     assert.ok(times.length >= 50, `only ${times.length} round trips while the bulk ran`);
     assert.ok(duringBulk < total, "the round trips ran while the bulk stream flowed");
     // Ahead of a chat byte: at most the bulk stream's window in flight, and one batch.
@@ -619,16 +625,7 @@ Deno.test("mux on a long link: a bulk stream's window stops where the link is fu
     const chat = sender.open(encoder.encode("{}"));
     await waitUntil(() => opened.length === 2, "both streams to open", 5000);
     const [bulkFar, chatFar] = opened;
-    let received = 0;
-    const draining = (async () => {
-      const buf = new Uint8Array(64 * 1024);
-      for (;;) {
-        const n = await bulkFar.read(buf);
-        if (n === null) break;
-        received += n;
-      }
-    })();
-    draining.catch(() => {});
+    const sink = drain(bulkFar);
     const echoing = echo(chatFar);
     echoing.catch(() => {});
     const total = 16 * 1024 * 1024;
@@ -639,14 +636,14 @@ Deno.test("mux on a long link: a bulk stream's window stops where the link is fu
     })();
     sending.catch(() => {});
     // Past the first second the window has found its size; measure from there.
-    await waitUntil(() => received >= rate, "the first second of bulk", 10_000);
-    const from = { at: performance.now(), bytes: received };
+    await waitUntil(() => sink.received >= rate, "the first second of bulk", 10_000);
+    const from = { at: performance.now(), bytes: sink.received };
     const times: number[] = [];
-    while (received < total * 0.9) times.push(await roundTrip(chat, times.length & 0xff));
-    const mbps = (received - from.bytes) / (performance.now() - from.at) / 1000;
+    while (sink.received < total * 0.9) times.push(await roundTrip(chat, times.length & 0xff));
+    const mbps = (sink.received - from.bytes) / (performance.now() - from.at) / 1000;
     await sending;
-    await draining;
-    assert.equal(received, total);
+    await sink.done;
+    assert.equal(sink.received, total);
     times.sort((a, b) => a - b);
     const median = times[times.length >> 1];
     const report = `${times.length} round trips: median ${median.toFixed(1)} ms, p90 ${
