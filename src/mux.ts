@@ -499,7 +499,7 @@ export class MuxStream implements Stream {
   #adapt(quick: boolean, now: number): number {
     // Judge a window by the median of several round trips over two round trips' time at least: a
     // queue the window built shows in most of them, a passing stall elsewhere in a few.
-    const judged = this.#epochRtts.length >= EPOCH_SAMPLES &&
+    const judged = this.#epochRtts.length >= EPOCH_SAMPLES && now > this.#epochAt &&
       now - this.#epochAt >= 2 * this.#mux.minRttMs;
     const queued = judged ? median(this.#epochRtts) - this.#mux.minRttMs : 0;
     if (judged) {
