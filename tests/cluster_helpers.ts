@@ -147,6 +147,15 @@ export async function setup(scope: Scope, options: SetupOptions = {}) {
       );
       return port;
     },
+    /** Makes a client identity per name and, for each in turn, a service as {@link service}. */
+    async clients(...names: string[]): Promise<{ identity: Identity; port: number }[]> {
+      const made = [];
+      for (const name of names) {
+        const identity = await fixture.identity(name);
+        made.push({ identity, port: await this.service(identity) });
+      }
+      return made;
+    },
     async start(): Promise<void> {
       for (const m of members) m.program = await scope.server(m.config);
     },

@@ -250,14 +250,12 @@ Deno.test({
     try {
       const env = await setup(scope);
       const [a, b, c] = env.members;
-      const multi = await env.fixture.identity("multi");
-      const solo = await env.fixture.identity("solo");
-      const late = await env.fixture.identity("late");
-      const gone = await env.fixture.identity("gone");
-      const multiPort = await env.service(multi);
-      const soloPort = await env.service(solo);
-      const latePort = await env.service(late);
-      const gonePort = await env.service(gone);
+      const [
+        { identity: multi, port: multiPort },
+        { identity: solo, port: soloPort },
+        { identity: late, port: latePort },
+        { identity: gone, port: gonePort },
+      ] = await env.clients("multi", "solo", "late", "gone");
       await env.start();
       await env.client(multi, [a, b, c]);
       await env.client(solo, [b]);

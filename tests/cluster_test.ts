@@ -47,12 +47,11 @@ Deno.test({
     try {
       const env = await setup(scope);
       const [a, b, c] = env.members;
-      const multi = await env.fixture.identity("multi");
-      const pair = await env.fixture.identity("pair");
-      const solo = await env.fixture.identity("solo");
-      const multiPort = await env.service(multi);
-      const pairPort = await env.service(pair);
-      const soloPort = await env.service(solo);
+      const [
+        { identity: multi, port: multiPort },
+        { identity: pair, port: pairPort },
+        { identity: solo, port: soloPort },
+      ] = await env.clients("multi", "pair", "solo");
       await env.start();
       await env.client(multi, [a, b, c]);
       await env.client(pair, [b, c]);
