@@ -454,8 +454,8 @@ export class MuxStream implements Stream {
    *
    * The window adapts to the path. When the peer says it was blocked and everything it sent
    * was delivered at once, the window may be what holds it back, and it grows (within the mux's
-   * `maxWindow` and the budget). On a short link it doubles: its `maxWindow` is small enough
-   * that a full window never waits long. On a long link it grows only while its bytes arrive
+   * `maxWindow` and the budget). On a short link (see `Mux.longLink`) it doubles up to the
+   * mux's `shortLinkWindow`, small enough that a full window never waits long. On a long link it grows only while its bytes arrive
    * within {@link GROW_QUEUE_MS} of the connection's shortest round trip, and it shrinks once
    * they wait more than {@link SHRINK_QUEUE_MS}: beyond what the link carries in a round trip,
    * a window only queues bytes ahead of other streams' bytes. It doubles up to the mux's
@@ -471,7 +471,7 @@ export class MuxStream implements Stream {
       const now = performance.now();
       const quick = now - this.#blockedAt < Math.max(GROW_DRAIN_MS, this.#mux.rttMs);
       this.#blockedAt = undefined;
-      grow = this.#mux.maxWindow > LAN_WINDOW ? this.#adapt(quick, now) : this.#double(quick);
+      grow = this.#mux.longLink ? this.#adapt(quick, now) : this.#double(quick);
     }
     if (grow === 0 && this.#unacked < this.#window / this.#mux.grantParts) return;
     const repaid = Math.min(this.#debt, this.#unacked);
@@ -481,15 +481,16 @@ export class MuxStream implements Stream {
     if (grant > 0) this.#sendGrant(grant);
   }
 
-  /** Whether the window may grow at all: the reader keeps up and has proved a fast path. */
-  #mayGrow(quick: boolean): boolean {
-    return quick && this.#delivered >= GROW_AFTER_BYTES && this.#window < this.#mux.maxWindow;
+  /** Whether the window may grow below `cap`: the reader keeps up and has proved a fast path. */
+  #mayGrow(quick: boolean, cap: number): boolean {
+    return quick && this.#delivered >= GROW_AFTER_BYTES && this.#window < cap;
   }
 
-  /** A short link's growth: the window doubles. Returns the bytes grown. */
+  /** A short link's growth: the window doubles, up to the mux's `shortLinkWindow`. */
   #double(quick: boolean): number {
-    if (!this.#mayGrow(quick)) return 0;
-    const grow = Math.min(this.#window, this.#mux.maxWindow - this.#window);
+    const cap = this.#mux.shortLinkWindow;
+    if (!this.#mayGrow(quick, cap)) return 0;
+    const grow = Math.min(this.#window, cap - this.#window);
     if (!this.#mux.budget.take(grow)) return 0;
     this.#window += grow;
     return grow;
@@ -526,7 +527,7 @@ export class MuxStream implements Stream {
     if (this.#slowStart && this.#window < this.#mux.slowStartWindow) step = this.#window;
     else if (judged && queued <= GROW_QUEUE_MS) step = Math.ceil(this.#window / WINDOW_STEP_PARTS);
     else return 0;
-    if (!this.#mayGrow(quick)) return 0;
+    if (!this.#mayGrow(quick, this.#mux.maxWindow)) return 0;
     const grow = Math.min(step, this.#mux.maxWindow - this.#window);
     if (!this.#mux.budget.take(grow)) return 0;
     this.#window += grow;
@@ -641,8 +642,11 @@ export class Mux {
    * round trip, to a power of two) while no queue shows, and steps by an eighth beyond.
    */
   readonly slowStartWindow: number;
-  /** Credit goes back once this fraction of a window is consumed. */
-  readonly grantParts: number;
+  /**
+   * On a short link, windows double up to this: {@link LAN_WINDOW}, or the long-link doubling
+   * limit if the handshake's round trip read longer (as every version before long links had).
+   */
+  readonly shortLinkWindow: number;
   readonly streams = new Map<number, MuxStream>();
   /** Time of the last frame from the peer (performance.now()). */
   lastHeard = performance.now();
@@ -668,11 +672,26 @@ export class Mux {
     this.minRttMs = options.rttMs;
     const perRtt = options.rttMs * WINDOW_PER_RTT_MS;
     this.slowStartWindow = Math.min(MAX_WINDOW, 2 ** Math.floor(Math.log2(Math.max(1, perRtt))));
+    this.shortLinkWindow = Math.max(LAN_WINDOW, this.slowStartWindow);
     this.maxWindow = perRtt > LAN_WINDOW
       ? Math.min(MAX_WINDOW, Math.ceil(2 * perRtt / 4096) * 4096)
       : LAN_WINDOW;
-    this.grantParts = this.maxWindow > LAN_WINDOW ? LONG_LINK_GRANT_PARTS : GRANT_PARTS;
     this.budget = options.budget ?? DEFAULT_BUDGET;
+  }
+
+  /**
+   * Whether this is a long link: one whose shortest round trip holds more than
+   * {@link LAN_WINDOW} at {@link WINDOW_PER_RTT_MS}. The handshake's round trip can only be too
+   * long (it includes the peer's work), so a link judged long at first turns short once a stream
+   * measures a short round trip, never the other way.
+   */
+  get longLink(): boolean {
+    return this.minRttMs * WINDOW_PER_RTT_MS > LAN_WINDOW;
+  }
+
+  /** Credit goes back once this fraction of a window is consumed. */
+  get grantParts(): number {
+    return this.longLink ? LONG_LINK_GRANT_PARTS : GRANT_PARTS;
   }
 
   /** A stream measured a round trip of `ms` (a grant and the bytes it let through). */

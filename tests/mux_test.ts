@@ -201,19 +201,20 @@ Deno.test("FrameParser: each malformed header throws ProtocolError as soon as it
 // Mux over a real TCP connection
 
 /** Two muxes over one TCP connection: `opener` opens streams, `acceptor` takes them. */
-async function muxPair(options: { maxStreams?: number } = {}) {
+async function muxPair(options: { maxStreams?: number; rttMs?: number } = {}) {
   const pair = await tcpPair();
   const budget = new WindowBudget(64 * 1024 * 1024);
   const opened: MuxStream[] = [];
   const requests: string[] = [];
-  const opener = new Mux(pair.a, { onControl: () => {} }, { maxStreams: 1000, rttMs: 1, budget });
+  const rttMs = options.rttMs ?? 1;
+  const opener = new Mux(pair.a, { onControl: () => {} }, { maxStreams: 1000, rttMs, budget });
   const acceptor = new Mux(pair.b, {
     onOpen: (stream, request) => {
       opened.push(stream);
       requests.push(new TextDecoder().decode(request));
     },
     onControl: () => {},
-  }, { maxStreams: options.maxStreams ?? 1000, rttMs: 1, budget });
+  }, { maxStreams: options.maxStreams ?? 1000, rttMs, budget });
   const runs = [opener.run(), acceptor.run()];
   let opens = 0;
   return {
@@ -660,5 +661,28 @@ Deno.test("mux on a long link: a bulk stream's window stops where the link is fu
     receiver.close();
     await Promise.all(runs);
     await link.close();
+  }
+});
+
+Deno.test("mux: a LAN whose handshake round trip read long (a slow peer) is found short by its first streams", async () => {
+  // A slow signer can make the handshake take 40 ms on loopback. Judged long, the link would
+  // size windows by queues that are only the machine's scheduling.
+  const mux = await muxPair({ rttMs: 40 });
+  try {
+    assert.ok(mux.acceptor.longLink, "a 40 ms handshake first counts as a long link");
+    const [bulk, bulkFar] = await mux.open();
+    const sink = drain(bulkFar);
+    const chunk = randomBytes(1 << 20);
+    for (let i = 0; i < 8; i++) await bulk.write(chunk);
+    await bulk.closeWrite();
+    await sink.done;
+    assert.equal(sink.received, 8 * chunk.length);
+    assert.ok(
+      !mux.acceptor.longLink,
+      `still long after 8 MiB: shortest round trip ${mux.acceptor.minRttMs.toFixed(2)} ms`,
+    );
+    assert.equal(mux.acceptor.grantParts, 4);
+  } finally {
+    await mux.close();
   }
 });
