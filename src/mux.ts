@@ -481,19 +481,21 @@ export class MuxStream implements Stream {
     if (grant > 0) this.#sendGrant(grant);
   }
 
-  /** Whether the window may grow below `cap`: the reader keeps up and has proved a fast path. */
-  #mayGrow(quick: boolean, cap: number): boolean {
-    return quick && this.#delivered >= GROW_AFTER_BYTES && this.#window < cap;
+  /**
+   * Grows the window by `step`, short of `cap`, if the reader keeps up (`quick`), the stream has
+   * proved a fast path and the budget allows. Returns the bytes grown (0: it did not grow).
+   */
+  #grow(quick: boolean, step: number, cap: number): number {
+    if (!quick || this.#delivered < GROW_AFTER_BYTES || this.#window >= cap) return 0;
+    const grow = Math.min(step, cap - this.#window);
+    if (!this.#mux.budget.take(grow)) return 0;
+    this.#window += grow;
+    return grow;
   }
 
   /** A short link's growth: the window doubles, up to the mux's `shortLinkWindow`. */
   #double(quick: boolean): number {
-    const cap = this.#mux.shortLinkWindow;
-    if (!this.#mayGrow(quick, cap)) return 0;
-    const grow = Math.min(this.#window, cap - this.#window);
-    if (!this.#mux.budget.take(grow)) return 0;
-    this.#window += grow;
-    return grow;
+    return this.#grow(quick, this.#window, this.#mux.shortLinkWindow);
   }
 
   /** A long link's growth and shrinking, by the queue its round trips show. Returns the growth. */
@@ -527,11 +529,8 @@ export class MuxStream implements Stream {
     if (this.#slowStart && this.#window < this.#mux.slowStartWindow) step = this.#window;
     else if (judged && queued <= GROW_QUEUE_MS) step = Math.ceil(this.#window / WINDOW_STEP_PARTS);
     else return 0;
-    if (!this.#mayGrow(quick, this.#mux.maxWindow)) return 0;
-    const grow = Math.min(step, this.#mux.maxWindow - this.#window);
-    if (!this.#mux.budget.take(grow)) return 0;
-    this.#window += grow;
-    this.#newEpoch(now);
+    const grow = this.#grow(quick, step, this.#mux.maxWindow);
+    if (grow > 0) this.#newEpoch(now);
     return grow;
   }
 
