@@ -299,31 +299,40 @@ function describeServices(services: ServiceInfo[]): string {
   return services.map((s) => `server port ${s.port} → ${s.host}:${s.target_port}`).join(", ");
 }
 
+/** OpenSSL's verification codes, as `node:tls` reports them, for a chain our CA did not sign. */
+const NOT_SIGNED_BY_CA = new Set([
+  "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+  "UNABLE_TO_GET_ISSUER_CERT",
+  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+  "SELF_SIGNED_CERT_IN_CHAIN",
+  "DEPTH_ZERO_SELF_SIGNED_CERT",
+  "CERT_SIGNATURE_FAILURE",
+  "CERT_UNTRUSTED",
+]);
+
 /** Turns a connection or handshake failure into one line that says what to check. */
 export function describeError(err: unknown, host: string, port: number): string {
   const where = `${host}:${port}`;
   const message = err instanceof Error ? err.message : String(err);
+  const code = (err as { code?: unknown } | null)?.code;
   if (err instanceof RefusedError) return `server ${where} refused this client: ${message}`;
-  // Certificate problems first: rustls's texts mention "DnsName", which is no DNS failure.
-  if (/UnknownIssuer|unknown ca|BadSignature/i.test(message)) {
+  if (typeof code === "string" && NOT_SIGNED_BY_CA.has(code)) {
     return `server ${where} presented a certificate not signed by cafile (${message})`;
   }
-  if (/not valid for name|NotValidForName/i.test(message)) {
+  if (code === "ERR_TLS_CERT_ALTNAME_INVALID") {
     return `server ${where}'s certificate is not valid for the name "${host}" (${message})`;
   }
-  if (/expired|not valid yet|NotValidYet/i.test(message)) {
+  if (code === "CERT_HAS_EXPIRED" || code === "CERT_NOT_YET_VALID") {
     return `server ${where}'s certificate is expired or not yet valid (${message})`;
   }
-  if (err instanceof Deno.errors.ConnectionRefused) {
+  if (code === "ECONNREFUSED" || err instanceof Deno.errors.ConnectionRefused) {
     return `cannot connect to ${where}: connection refused (is the server running?)`;
   }
-  if (
-    /failed to lookup address|Name or service not known|name resolution|No address associated|nodename nor servname/i
-      .test(message)
-  ) {
+  if (code === "ENOTFOUND" || code === "EAI_AGAIN" || code === "EAI_NONAME") {
     return `cannot resolve ${host}: ${message}`;
   }
   if (
+    code === "ERR_SSL_WRONG_VERSION_NUMBER" ||
     /InvalidContentType|corrupt message|InvalidMessage|unexpected handshake message/i.test(message)
   ) {
     return `${where} does not speak TLS on that port (${message})`;

@@ -26,12 +26,13 @@ import {
 async function oneShot(
   fixture: Fixture,
   options: Parameters<typeof clientToml>[0],
+  env?: Record<string, string>,
 ): Promise<{ code: number; stderr: string }> {
   const config = await fixture.write(
     `client-${crypto.randomUUID()}.toml`,
     clientToml({ ...options, infinite: false }),
   );
-  return await runScript("client.ts", ["--config", config]);
+  return await runScript("client.ts", ["--config", config], undefined, env);
 }
 
 Deno.test("a client refuses a server whose certificate is not signed by its cafile", async () => {
@@ -54,6 +55,34 @@ Deno.test("a client refuses a server whose certificate is not signed by its cafi
     );
     assert.doesNotMatch(stderr, /connected to/);
     await server.waitFor(/TLS handshake with .* failed/);
+    assert.equal(server.count(/client .* connected from/), 0);
+  } finally {
+    await scope.close();
+    await other.cleanup();
+    await env.cleanup();
+  }
+});
+
+Deno.test("a client trusts its cafile alone, not the CAs the runtime adds from its environment", async () => {
+  // The server's CA is one the runtime itself trusts here, as it trusts Mozilla's roots or the
+  // system's; one who holds a certificate from such a CA must still not pass for the server.
+  const env = await echoSetup();
+  const other = await Fixture.create();
+  const scope = new Scope();
+  try {
+    const server = await scope.server(env.serverConfig);
+    const { code, stderr } = await oneShot(env.fixture, {
+      identity: env.identity,
+      communicationPort: env.communicationPort,
+      cafile: other.caPath,
+    }, { DENO_CERT: env.fixture.caPath, NODE_EXTRA_CA_CERTS: env.fixture.caPath });
+    assert.equal(code, 1, stderr);
+    assert.match(
+      stderr,
+      new RegExp(
+        `server localhost:${env.communicationPort} presented a certificate not signed by cafile`,
+      ),
+    );
     assert.equal(server.count(/client .* connected from/), 0);
   } finally {
     await scope.close();

@@ -202,9 +202,11 @@ export class Process {
   /** Set once the process has exited and its stderr is fully read. */
   #exit: Deno.CommandStatus | undefined;
 
-  constructor(command: string, args: string[]) {
+  /** `env` adds to (or overrides) the test's own environment for this process. */
+  constructor(command: string, args: string[], env?: Record<string, string>) {
     const child = new Deno.Command(command, {
       args,
+      env,
       stdin: "null",
       stdout: "piped",
       stderr: "piped",
@@ -313,8 +315,13 @@ export class Process {
 
 /** A spawned NATadm script (server.ts, client.ts, cmd/…) run by this Deno. */
 export class Program extends Process {
-  constructor(script: string, args: string[], permissions = ["--allow-net", "--allow-read"]) {
-    super(Deno.execPath(), ["run", ...permissions, join(ROOT, script), ...args]);
+  constructor(
+    script: string,
+    args: string[],
+    permissions = ["--allow-net", "--allow-read"],
+    env?: Record<string, string>,
+  ) {
+    super(Deno.execPath(), ["run", ...permissions, join(ROOT, script), ...args], env);
   }
 }
 
@@ -519,8 +526,9 @@ export function runScript(
   script: string,
   args: string[],
   permissions?: string[],
+  env?: Record<string, string>,
 ): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Program(script, args, permissions).result();
+  return new Program(script, args, permissions, env).result();
 }
 
 /** The one `PROGRAM: error: ...` line in `stderr`; fails unless there is exactly one. */
