@@ -284,9 +284,9 @@ export interface ConnectTlsOptions {
  * proved to be signed by `caCert` and to carry `hostname`.
  *
  * Only that CA is trusted. `Deno.startTls`'s `caCerts` are trusted in addition to the runtime's
- * default roots (Mozilla's, the system's, `DENO_CERT`), so with it anyone holding a publicly
- * trusted certificate for the server's name could pose as the server. `node:tls`'s `ca`
- * replaces the default roots.
+ * default roots (Mozilla's, the system's, `DENO_CERT`, `NODE_EXTRA_CA_CERTS`), so with it anyone
+ * holding a publicly trusted certificate for the server's name could pose as the server.
+ * `node:tls`'s `ca` replaces the default roots.
  */
 export async function connectTls(options: ConnectTlsOptions): Promise<Stream> {
   const timeoutMs = options.timeoutMs ?? HANDSHAKE_TIMEOUT_MS;
