@@ -325,6 +325,11 @@ export function describeError(err: unknown, host: string, port: number): string 
   if (code === "CERT_HAS_EXPIRED" || code === "CERT_NOT_YET_VALID") {
     return `server ${where}'s certificate is expired or not yet valid (${message})`;
   }
+  if (code === "ECONNRESET" && /before secure TLS connection/.test(message)) {
+    // What a server's handshake caps do to one connection past them.
+    return `server ${where} closed the connection during the TLS handshake (a busy server ` +
+      `turns away handshakes past max_handshaking and max_handshaking_per_address)`;
+  }
   if (code === "ECONNREFUSED" || err instanceof Deno.errors.ConnectionRefused) {
     return `cannot connect to ${where}: connection refused (is the server running?)`;
   }

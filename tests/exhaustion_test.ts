@@ -9,12 +9,14 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import { join } from "node:path";
 import {
+  clientToml,
   DEADLINE_MS,
   echoSetup,
   Process,
   Program,
   ROOT,
   roundTrip,
+  runScript,
   Scope,
   waitUntil,
 } from "./helpers.ts";
@@ -231,6 +233,41 @@ Deno.test("max_handshaking_per_address: 200 silent connections from one address 
     assert.equal(silent.filter((s) => !s.closed).length, 50, "the held ones were let go");
     // Shedding is logged at most once a second, not once per connection.
     assert.ok(server.count(/is shedding connections/) <= 5);
+  } finally {
+    await scope.close();
+  }
+});
+
+Deno.test("a client turned away by the handshake cap says so in one line, naming the cap", async () => {
+  const scope = new Scope();
+  try {
+    const env = await echoSetup({ extra: "max_handshaking_per_address = 5" });
+    scope.defer(env.cleanup);
+    const server = await scope.server(env.serverConfig);
+    // Five silent connections hold 127.0.0.1's handshakes; a sixth shows the cap is full.
+    await flood(scope, env.communicationPort, 6, "127.0.0.1");
+    await server.waitFor(/shedding connections: .*max_handshaking_per_address/);
+    const config = await env.fixture.write(
+      "once.toml",
+      clientToml({
+        identity: env.identity,
+        communicationPort: env.communicationPort,
+        host: "127.0.0.1",
+        cafile: env.fixture.caPath,
+        infinite: false,
+      }),
+    );
+    const { code, stderr } = await runScript("client.ts", ["--config", config]);
+    assert.equal(code, 1, stderr);
+    const lines = stderr.trim().split("\n");
+    assert.equal(lines.length, 1, stderr);
+    assert.match(
+      lines[0],
+      new RegExp(
+        `server 127\\.0\\.0\\.1:${env.communicationPort} closed the connection during the TLS ` +
+          "handshake .*max_handshaking_per_address",
+      ),
+    );
   } finally {
     await scope.close();
   }
