@@ -35,22 +35,29 @@ async function oneShot(
   return await runScript("client.ts", ["--config", config], undefined, env);
 }
 
-Deno.test("a client refuses a server whose certificate is not signed by its cafile", async () => {
-  const env = await echoSetup();
+/**
+ * Runs a one-shot client whose cafile did not sign the server's certificate and proves it
+ * refused the server with the cafile line. With `runtimeTrustsServer`, the client's environment
+ * makes the runtime itself trust the server's CA (`DENO_CERT`, `NODE_EXTRA_CA_CERTS`).
+ */
+async function refusedByCafile(runtimeTrustsServer = false): Promise<void> {
+  const setup = await echoSetup();
   const other = await Fixture.create();
   const scope = new Scope();
   try {
-    const server = await scope.server(env.serverConfig);
-    const { code, stderr } = await oneShot(env.fixture, {
-      identity: env.identity,
-      communicationPort: env.communicationPort,
+    const server = await scope.server(setup.serverConfig);
+    const ca = setup.fixture.caPath;
+    const env = runtimeTrustsServer ? { DENO_CERT: ca, NODE_EXTRA_CA_CERTS: ca } : undefined;
+    const { code, stderr } = await oneShot(setup.fixture, {
+      identity: setup.identity,
+      communicationPort: setup.communicationPort,
       cafile: other.caPath,
-    });
+    }, env);
     assert.equal(code, 1, stderr);
     assert.match(
       stderr,
       new RegExp(
-        `server localhost:${env.communicationPort} presented a certificate not signed by cafile`,
+        `server localhost:${setup.communicationPort} presented a certificate not signed by cafile`,
       ),
     );
     assert.doesNotMatch(stderr, /connected to/);
@@ -59,36 +66,18 @@ Deno.test("a client refuses a server whose certificate is not signed by its cafi
   } finally {
     await scope.close();
     await other.cleanup();
-    await env.cleanup();
+    await setup.cleanup();
   }
+}
+
+Deno.test("a client refuses a server whose certificate is not signed by its cafile", async () => {
+  await refusedByCafile();
 });
 
 Deno.test("a client trusts its cafile alone, not the CAs the runtime adds from its environment", async () => {
-  // The server's CA is one the runtime itself trusts here, as it trusts Mozilla's roots or the
-  // system's; one who holds a certificate from such a CA must still not pass for the server.
-  const env = await echoSetup();
-  const other = await Fixture.create();
-  const scope = new Scope();
-  try {
-    const server = await scope.server(env.serverConfig);
-    const { code, stderr } = await oneShot(env.fixture, {
-      identity: env.identity,
-      communicationPort: env.communicationPort,
-      cafile: other.caPath,
-    }, { DENO_CERT: env.fixture.caPath, NODE_EXTRA_CA_CERTS: env.fixture.caPath });
-    assert.equal(code, 1, stderr);
-    assert.match(
-      stderr,
-      new RegExp(
-        `server localhost:${env.communicationPort} presented a certificate not signed by cafile`,
-      ),
-    );
-    assert.equal(server.count(/client .* connected from/), 0);
-  } finally {
-    await scope.close();
-    await other.cleanup();
-    await env.cleanup();
-  }
+  // As the runtime trusts Mozilla's roots or the system's: a certificate from such a CA must
+  // not pass for the server either.
+  await refusedByCafile(true);
 });
 
 Deno.test("a client refuses a server whose certificate is for another name", async () => {
