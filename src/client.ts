@@ -330,7 +330,7 @@ export function describeError(err: unknown, host: string, port: number): string 
     return `server ${where} closed the connection during the TLS handshake (a busy server ` +
       `turns away handshakes past max_handshaking and max_handshaking_per_address)`;
   }
-  if (code === "ECONNREFUSED" || err instanceof Deno.errors.ConnectionRefused) {
+  if (code === "ECONNREFUSED") {
     return `cannot connect to ${where}: connection refused (is the server running?)`;
   }
   if (code === "ENOTFOUND" || code === "EAI_AGAIN" || code === "EAI_NONAME") {

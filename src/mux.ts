@@ -455,8 +455,9 @@ export class MuxStream implements Stream {
    * The window adapts to the path. When the peer says it was blocked and everything it sent
    * was delivered at once, the window may be what holds it back, and it grows (within the mux's
    * `maxWindow` and the budget). On a short link (see `Mux.longLink`) it doubles up to the
-   * mux's `shortLinkWindow`, small enough that a full window never waits long. On a long link it grows only while its bytes arrive
-   * within {@link GROW_QUEUE_MS} of the connection's shortest round trip, and it shrinks once
+   * mux's `shortLinkWindow`, small enough that a full window never waits long. On a long link
+   * it grows only while its bytes arrive within {@link GROW_QUEUE_MS} of the connection's
+   * shortest round trip, and it shrinks once
    * they wait more than {@link SHRINK_QUEUE_MS}: beyond what the link carries in a round trip,
    * a window only queues bytes ahead of other streams' bytes. It doubles up to the mux's
    * `slowStartWindow` until the path shows a queue, then steps by an eighth, and never shrinks

@@ -122,6 +122,15 @@ function parentOf(socket: Socket): Socket | undefined {
   return (socket as any)._parent;
 }
 
+/**
+ * Destroys a TLS socket and the TCP socket under it: in Deno's node:tls, destroying the first
+ * alone can leave the connection open.
+ */
+function destroyTls(socket: Socket): void {
+  socket.destroy();
+  parentOf(socket)?.destroy();
+}
+
 /** A `node:net`/`node:tls` socket as a {@link Stream}. */
 export class SocketStream implements Stream {
   readonly remote: string;
@@ -261,9 +270,7 @@ export class SocketStream implements Stream {
   }
 
   close(): void {
-    this.#socket.destroy();
-    // Destroying the TLS socket alone can leave the TCP connection open in Deno's node:tls.
-    parentOf(this.#socket)?.destroy();
+    destroyTls(this.#socket);
   }
 }
 
@@ -301,8 +308,7 @@ export async function connectTls(options: ConnectTlsOptions): Promise<Stream> {
     const cert = await dialTls(options, false, Math.min(timeoutMs, DIAGNOSE_TIMEOUT_MS))
       .then((socket) => {
         const cert = socket.getPeerCertificate();
-        socket.destroy();
-        parentOf(socket)?.destroy();
+        destroyTls(socket);
         return cert;
       }, () => undefined);
     const now = Date.now();
@@ -340,8 +346,7 @@ function dialTls(
     socket.setNoDelay(true);
     const end = (err: Error) => {
       clearTimeout(timer);
-      socket.destroy();
-      parentOf(socket)?.destroy();
+      destroyTls(socket);
       reject(err);
     };
     const timer = setTimeout(() => {
@@ -496,8 +501,7 @@ export function listenTls(options: ListenTlsOptions): Promise<TlsListener> {
       // Before the handshake completes, Deno's TLS socket knows the address only via its parent.
       const raw = parentOf(socket);
       if (raw) handshakeDone.get(raw)?.();
-      socket.destroy();
-      raw?.destroy(); // destroying the TLS socket alone can leave the TCP connection open
+      destroyTls(socket);
       if (raw && shedSockets.has(raw)) return;
       const host = socket.remoteAddress ?? raw?.remoteAddress ?? "?";
       const remote = `${host.includes(":") ? `[${host}]` : host}:${
